@@ -42,7 +42,9 @@ def register_embedding(name: str) -> Callable[[EmbeddingFactory], EmbeddingFacto
     return wrap
 
 
-def build_embedding(kind: str, *, vocab_size: int | None, dim: int, options: dict[str, Any]) -> FeatureEmbedding:
+def build_embedding(
+    kind: str, *, vocab_size: int | None, dim: int, options: dict[str, Any]
+) -> FeatureEmbedding:
     """Build one feature's embedding module.
 
     Args:
@@ -57,5 +59,7 @@ def build_embedding(kind: str, *, vocab_size: int | None, dim: int, options: dic
     """
     factory = EMBEDDING_KINDS.get(kind)
     if factory is None:
-        raise ConfigError([f"unknown embedding kind `{kind}`; choose one of: {', '.join(sorted(EMBEDDING_KINDS))}"])
+        raise ConfigError(
+            [f"unknown embedding kind `{kind}`; choose one of: {', '.join(sorted(EMBEDDING_KINDS))}"]
+        )
     return factory(vocab_size=vocab_size, dim=dim, **options)

@@ -1,0 +1,205 @@
+"""The ``mtrank`` command line: the only layer that prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from mtrank.cli.console import RichProgress, console, metrics_table, setup_logging, stdout
+from mtrank.errors import MtrankError
+
+app = typer.Typer(
+    name="mtrank",
+    help="Multi-task ranking for recommender systems: train, evaluate, predict and fine-tune rankers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+datasets_app = typer.Typer(help="List and fetch the public datasets the examples use.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(command: F) -> F:
+    """Turn mtrank errors into one readable message and exit code 2, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except MtrankError as exc:
+            console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(code=2) from None
+        except FloatingPointError as exc:
+            console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
+) -> None:
+    setup_logging(verbose, quiet)
+
+
+@app.command()
+@friendly_errors
+def train(
+    config: Path = typer.Argument(..., help="YAML run config."),
+    run_dir: Path = typer.Option(None, "--run-dir", "-o", help="Artifact directory; default runs/<config name>."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the run directory."),
+    epochs: int = typer.Option(None, "--epochs", help="Override training.epochs."),
+) -> None:
+    """Train a ranker from a YAML config and report per-task test metrics."""
+    from mtrank.config import load_config
+    from mtrank.training.run import train_run
+
+    run_config = load_config(config)
+    if epochs is not None:
+        run_config.training.epochs = epochs
+    target = run_dir or Path("runs") / run_config.name
+    started = time.perf_counter()
+    result = train_run(run_config, target, resume=resume, progress=RichProgress())
+    stdout.print(metrics_table(f"test metrics ({run_config.name})", result.test_metrics))
+    stdout.print(f"run directory: {target}  ({time.perf_counter() - started:.1f} s)")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    data: str = typer.Option(None, "--data", help="Labelled file to evaluate; default: the run's test split."),
+    out: Path = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
+) -> None:
+    """Evaluate a trained run on its test split or on another labelled file."""
+    from mtrank.training.run import load_run
+    from mtrank.training.unbiased import evaluate_artifact
+
+    loaded = load_run(run_dir)
+    report = evaluate_artifact(loaded, data)
+    stdout.print(metrics_table(f"metrics ({data or 'test split'})", report.metrics))
+    for table in report.tables():
+        stdout.print(table)
+    for path in report.files:
+        stdout.print(f"wrote {path}")
+    if out is not None:
+        out.write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
+        stdout.print(f"wrote {out}")
+
+
+@app.command()
+@friendly_errors
+def predict(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    data: str = typer.Option(..., "--data", help="File to score (CSV, TSV, gzip CSV or Parquet)."),
+    out: Path = typer.Option(..., "--out", help="Output file: .csv or .parquet, one column per task."),
+    batch_size: int = typer.Option(8192, help="Rows scored per batch."),
+) -> None:
+    """Score a file with a trained run; the position column is never needed."""
+    from mtrank.serving.scorer import Scorer
+
+    scorer = Scorer.from_run(run_dir)
+    rows = scorer.score_file(data, out, batch_size=batch_size)
+    stdout.print(f"scored {rows} rows -> {out}")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    run_dir: Path = typer.Option(Path("runs/demo-census"), "--run-dir", "-o", help="Artifact directory."),
+    epochs: int = typer.Option(None, "--epochs", help="Override the preset's epochs."),
+) -> None:
+    """Train MMoE on Census-Income (KDD) with the MMoE paper's two tasks and print test AUC."""
+    from mtrank.config.presets import census_config
+    from mtrank.training.run import train_run
+
+    config = census_config()
+    if epochs is not None:
+        config.training.epochs = epochs
+    started = time.perf_counter()
+    result = train_run(config, run_dir, progress=RichProgress())
+    elapsed = time.perf_counter() - started
+    stdout.print(metrics_table("Census-Income (KDD), MMoE, test split", result.test_metrics))
+    stdout.print(
+        f"income AUC {result.test_metrics['income']['auc']:.4f}, "
+        f"never-married AUC {result.test_metrics['never_married']['auc']:.4f}, {elapsed:.1f} s; run directory: {run_dir}"
+    )
+
+
+@app.command()
+@friendly_errors
+def simulate(
+    out: Path = typer.Option(..., "--out", help="Parquet file to write."),
+    requests: int = typer.Option(20_000, help="Number of requests (lists)."),
+    list_size: int = typer.Option(10, help="Items per list (positions 1..K)."),
+    users: int = typer.Option(2_000, help="Number of users."),
+    items: int = typer.Option(5_000, help="Number of items."),
+    seed: int = typer.Option(0, help="Random seed."),
+    kuairand: Path = typer.Option(
+        None, "--kuairand", help="Semi-synthetic mode: folder of the KuaiRand subset; real items and likes as relevance."
+    ),
+) -> None:
+    """Write a click log with known ground truth (position bias by device) as Parquet."""
+    import pyarrow.parquet as pq
+
+    from mtrank.data import simulator
+
+    config = simulator.SimulationConfig(
+        num_users=users, num_items=items, num_requests=requests, list_size=list_size, seed=seed
+    )
+    if kuairand is not None:
+        table = simulator.semi_synthetic_kuairand(kuairand, config)
+    else:
+        table = simulator.simulate_click_log(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    stdout.print(f"wrote {table.num_rows} impressions to {out}")
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List the registered datasets and whether their files are on disk."""
+    from rich.table import Table
+
+    from mtrank.data.registry import DATASETS, is_available
+
+    table = Table(title="datasets (local copies under $MTRANK_DATA_DIR/<name>/ or the download cache)")
+    for column in ("dataset", "file", "on disk", "licence"):
+        table.add_column(column)
+    for dataset in DATASETS.values():
+        for entry in dataset.files:
+            table.add_row(dataset.name, entry.name, "yes" if is_available(dataset.name, entry.name) else "no", dataset.licence)
+    stdout.print(table)
+
+
+@datasets_app.command("fetch")
+@friendly_errors
+def datasets_fetch(name: str = typer.Argument(..., help="Dataset name from `mtrank datasets list`.")) -> None:
+    """Download a dataset's files (with sha256 checks) into the cache, unless they are on disk."""
+    from mtrank.data.registry import DATASETS, locate
+    from mtrank.errors import DatasetNotFoundError
+
+    if name not in DATASETS:
+        raise DatasetNotFoundError(f"unknown dataset `{name}`; known: {', '.join(sorted(DATASETS))}")
+    for entry in DATASETS[name].files:
+        stdout.print(f"{entry.name}: {locate(name, entry.name)}")
+
+
+def main() -> None:
+    """Entry point of the ``mtrank`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

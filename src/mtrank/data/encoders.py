@@ -1,0 +1,357 @@
+"""Encoders fitted on the training split and reused unchanged at evaluation and serving.
+
+Every encoder turns a whole pyarrow column into a numpy array in one vectorised pass and returns a
+mask of rows it could not parse, so the pipeline can count, log or reject them. Each encoder
+serialises to a JSON-ready dict (``to_dict`` / ``from_dict``); nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# Reserved vocabulary ids, shared with mtrank.embeddings.table: 0 pads, 1 stands for any value the
+# training split did not contain (or kept fewer than `min_count` times).
+PADDING_ID = 0
+OOV_ID = 1
+FIRST_VALUE_ID = 2
+# Vocabulary key of a missing (null) categorical value; missing is a value of its own.
+MISSING_KEY = "\x00missing"
+# Position id of "position unknown"; the shallow tower sees it for dropped positions and at serving.
+MISSING_POSITION_ID = 0
+
+_NUMBER_PATTERN = r"^[+-]?((\d+(\.\d*)?)|(\.\d+))([eE][+-]?\d+)?$"
+_INTEGER_PATTERN = r"^[+-]?\d+$"
+
+
+@dataclass
+class Encoded:
+    """Result of encoding one column: values and the mask of rows that could not be parsed."""
+
+    values: np.ndarray
+    invalid: np.ndarray
+    # A human-readable reason for invalid rows, e.g. "not a number".
+    reason: str = ""
+
+
+def _as_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column
+
+
+def parse_float(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Parse a column to float64.
+
+    Returns:
+        ``(values, missing, invalid)``: values with NaN where missing or invalid; ``missing`` marks
+        nulls; ``invalid`` marks non-null text that is not a number.
+    """
+    array = _as_array(column)
+    missing = np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        ok = pc.fill_null(pc.match_substring_regex(array, _NUMBER_PATTERN), False)
+        invalid = ~missing & ~np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+        cleaned = pc.if_else(ok, array, pa.scalar(None, array.type))
+        values = pc.cast(cleaned, pa.float64()).to_numpy(zero_copy_only=False)
+    else:
+        invalid = np.zeros(len(array), dtype=bool)
+        values = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
+    values = np.array(values, dtype=np.float64)  # a writable copy: Arrow buffers are read-only
+    values[missing | invalid] = np.nan
+    return values, missing, invalid
+
+
+def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    array = _as_array(column)
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        array = pc.cast(array, pa.string())
+    return array
+
+
+class Encoder:
+    """Interface of a fitted column encoder."""
+
+    kind: ClassVar[str]
+
+    def fit(self, column: pa.ChunkedArray | pa.Array) -> Encoder:
+        return self
+
+    def transform(self, column: pa.ChunkedArray | pa.Array) -> Encoded:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class VocabularyEncoder(Encoder):
+    """Map categorical values to int64 vocabulary ids with reserved padding (0) and OOV (1) ids.
+
+    Values are compared as text, so integer ids of any size keep their identity (an id above 2^53 is
+    never rounded through a float). Nulls are the value :data:`MISSING_KEY`.
+
+    Example:
+        >>> enc = VocabularyEncoder(min_count=1).fit(pa.array(["a", "b", "a"]))
+        >>> enc.transform(pa.array(["a", "zzz", None])).values.tolist()
+        [2, 1, 1]
+    """
+
+    kind: ClassVar[str] = "vocabulary"
+    min_count: int = 1
+    vocabulary: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Number of ids, the two reserved ones included."""
+        return len(self.vocabulary) + FIRST_VALUE_ID
+
+    def fit(self, column: pa.ChunkedArray | pa.Array) -> VocabularyEncoder:
+        text = pc.fill_null(_as_text(column), MISSING_KEY)
+        counts = pc.value_counts(text)
+        table = pa.table({"value": counts.field("values"), "count": counts.field("counts")})
+        table = table.filter(pc.greater_equal(table["count"], self.min_count))
+        # Most frequent first, ties by value, so that the same data gives the same ids everywhere.
+        table = table.sort_by([("count", "descending"), ("value", "ascending")])
+        self.vocabulary = table["value"].to_pylist()
+        return self
+
+    def transform(self, column: pa.ChunkedArray | pa.Array) -> Encoded:
+        text = pc.fill_null(_as_text(column), MISSING_KEY)
+        index = pc.index_in(text, value_set=pa.array(self.vocabulary, type=pa.string()))
+        ids = pc.fill_null(pc.add(pc.cast(index, pa.int64()), FIRST_VALUE_ID), OOV_ID)
+        values = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=np.int64)
+        return Encoded(values, np.zeros(len(values), dtype=bool))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "min_count": self.min_count, "vocabulary": self.vocabulary}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VocabularyEncoder:
+        return cls(min_count=int(data["min_count"]), vocabulary=list(data["vocabulary"]))
+
+
+@dataclass
+class RawIdEncoder(Encoder):
+    """Pass categorical values through as int64 for embeddings that hash ids themselves.
+
+    Integer values (typed, or text that is all digits) keep their exact int64 value; any other text is
+    turned into int64 by :func:`mtrank.data.stable_hash.stable_hash_strings`, which gives the same
+    value in every process. No vocabulary is stored, so unseen ids keep their own identity.
+    """
+
+    kind: ClassVar[str] = "raw"
+
+    def transform(self, column: pa.ChunkedArray | pa.Array) -> Encoded:
+        from mtrank.data.stable_hash import stable_hash_strings
+
+        array = _as_array(column)
+        if pa.types.is_integer(array.type):
+            values = pc.cast(array, pa.int64())
+            nulls = np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            out = np.asarray(pc.fill_null(values, 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+            if nulls.any():
+                out[nulls] = stable_hash_strings(np.array([MISSING_KEY], dtype=object))[0]
+            return Encoded(out, np.zeros(len(out), dtype=bool))
+        text = pc.fill_null(_as_text(array), MISSING_KEY)
+        is_int = np.asarray(
+            pc.fill_null(pc.match_substring_regex(text, _INTEGER_PATTERN), False).to_numpy(
+                zero_copy_only=False
+            ),
+            dtype=bool,
+        )
+        out = np.empty(len(text), dtype=np.int64)
+        if is_int.any():
+            ints = pc.cast(pc.filter(text, pa.array(is_int)), pa.int64(), safe=True)
+            out[is_int] = np.asarray(ints.to_numpy(zero_copy_only=False), dtype=np.int64)
+        if (~is_int).any():
+            strings = np.asarray(
+                pc.filter(text, pa.array(~is_int)).to_numpy(zero_copy_only=False), dtype=object
+            )
+            out[~is_int] = stable_hash_strings(strings)
+        return Encoded(out, np.zeros(len(out), dtype=bool))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RawIdEncoder:
+        return cls()
+
+
+@dataclass
+class NumericEncoder(Encoder):
+    """Parse a numeric column, apply ``log1p`` if asked, and standardise with training statistics.
+
+    Missing values become the training mean (0 after standardisation). Text that is not a number, and
+    negative values under ``log1p``, are invalid rows.
+    """
+
+    kind: ClassVar[str] = "numeric"
+    transform_name: Literal["none", "log1p"] = "none"
+    standardize: bool = True
+    mean: float = 0.0
+    std: float = 1.0
+
+    def _parse(self, column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, str]:
+        values, _missing, invalid = parse_float(column)
+        reason = "not a number"
+        if self.transform_name == "log1p":
+            negative = values < 0
+            if negative.any():
+                invalid = invalid | negative
+                reason = "not a number, or negative under log1p"
+            with np.errstate(invalid="ignore"):
+                values = np.log1p(np.where(negative, np.nan, values))
+        return values, invalid, reason
+
+    def fit(self, column: pa.ChunkedArray | pa.Array) -> NumericEncoder:
+        values, _invalid, _ = self._parse(column)
+        finite = values[np.isfinite(values)]
+        self.mean = float(finite.mean()) if finite.size else 0.0
+        std = float(finite.std()) if finite.size else 1.0
+        self.std = std if std > 0 and math.isfinite(std) else 1.0
+        return self
+
+    def transform(self, column: pa.ChunkedArray | pa.Array) -> Encoded:
+        values, invalid, reason = self._parse(column)
+        values = np.where(np.isfinite(values), values, self.mean)
+        if self.standardize:
+            values = (values - self.mean) / self.std
+        return Encoded(values.astype(np.float32), invalid, reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "transform": self.transform_name,
+            "standardize": self.standardize,
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NumericEncoder:
+        return cls(
+            transform_name=data["transform"],
+            standardize=bool(data["standardize"]),
+            mean=data["mean"],
+            std=data["std"],
+        )
+
+
+@dataclass
+class LabelEncoder(Encoder):
+    """Derive a task label from its source column by the config's label rule.
+
+    Binary rules: ``equals`` (1 where the value equals it), ``greater_than``, or a column already 0/1
+    (any other value is invalid). Regression: a number, optionally through ``log1p``. A missing label
+    is invalid: the row cannot be trained or scored against.
+    """
+
+    kind: ClassVar[str] = "label"
+    task_type: Literal["binary", "regression"] = "binary"
+    equals: str | None = None
+    greater_than: float | None = None
+    transform_name: Literal["none", "log1p"] = "none"
+
+    def transform(self, column: pa.ChunkedArray | pa.Array) -> Encoded:
+        array = _as_array(column)
+        if self.equals is not None:
+            text = _as_text(array)
+            missing = np.asarray(text.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            hit = pc.fill_null(pc.equal(text, pa.scalar(self.equals)), False)
+            values = np.asarray(hit.to_numpy(zero_copy_only=False), dtype=np.float32)
+            return Encoded(values, missing, "missing label")
+        values, missing, invalid = parse_float(array)
+        reason = "missing or not a number"
+        if self.greater_than is not None:
+            labels = (values > self.greater_than).astype(np.float32)
+        elif self.task_type == "binary":
+            not_binary = ~(missing | invalid) & ~np.isin(values, (0.0, 1.0))
+            invalid = invalid | not_binary
+            reason = "missing or not 0/1"
+            labels = np.nan_to_num(values).astype(np.float32)
+        else:
+            labels = values
+            if self.transform_name == "log1p":
+                negative = values < 0
+                invalid = invalid | negative
+                reason = "missing, not a number, or negative under log1p"
+                with np.errstate(invalid="ignore"):
+                    labels = np.log1p(np.where(negative, 0.0, values))
+            labels = np.nan_to_num(labels).astype(np.float32)
+        return Encoded(labels, missing | invalid, reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "task_type": self.task_type,
+            "equals": self.equals,
+            "greater_than": self.greater_than,
+            "transform": self.transform_name,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LabelEncoder:
+        return cls(
+            task_type=data["task_type"],
+            equals=data["equals"],
+            greater_than=data["greater_than"],
+            transform_name=data["transform"],
+        )
+
+
+@dataclass
+class PositionEncoder(Encoder):
+    """Map display positions to shallow-tower ids.
+
+    Id 0 is "missing" (a null, a dropped position, or any position at serving); positions
+    ``first_position .. max_position`` get ids ``1 .. N``; positions above ``max_position`` share the
+    overflow id ``N + 1``. A position below ``first_position`` or not an integer is invalid.
+    """
+
+    kind: ClassVar[str] = "position"
+    first_position: int = 1
+    max_position: int = 20
+
+    @property
+    def num_positions(self) -> int:
+        """N, the positions with an id of their own."""
+        return self.max_position - self.first_position + 1
+
+    @property
+    def size(self) -> int:
+        """Number of ids: missing, N positions and overflow."""
+        return self.num_positions + 2
+
+    def transform(self, column: pa.ChunkedArray | pa.Array) -> Encoded:
+        values, missing, invalid = parse_float(column)
+        below = values < self.first_position
+        fractional = np.isfinite(values) & (np.floor(values) != values)
+        invalid = invalid | below | fractional
+        ids = np.where(np.isfinite(values), values - self.first_position + 1, MISSING_POSITION_ID)
+        ids = np.minimum(ids, self.num_positions + 1)
+        ids[missing | invalid] = MISSING_POSITION_ID
+        return Encoded(ids.astype(np.int64), invalid, f"not an integer position >= {self.first_position}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "first_position": self.first_position, "max_position": self.max_position}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PositionEncoder:
+        return cls(first_position=int(data["first_position"]), max_position=int(data["max_position"]))
+
+
+ENCODER_TYPES: dict[str, type[Any]] = {
+    cls.kind: cls for cls in (VocabularyEncoder, RawIdEncoder, NumericEncoder, LabelEncoder, PositionEncoder)
+}
+
+
+def encoder_from_dict(data: dict[str, Any]) -> Encoder:
+    """Rebuild an encoder saved by ``to_dict``."""
+    return ENCODER_TYPES[data["kind"]].from_dict(data)

@@ -1,0 +1,145 @@
+"""A whole training run and its artifact directory.
+
+Layout of a run directory::
+
+    config.yaml        the resolved config
+    encoders.json      encoders fitted on the training split
+    model.safetensors  best weights (written atomically)
+    metrics.json       per-epoch train/validation metrics and the final test metrics
+    train.log          the run's log
+    checkpoints/       the latest complete checkpoints, for --resume
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from mtrank.config.loader import dump_config, parse_config
+from mtrank.config.schema import RunConfig
+from mtrank.data.pipeline import FeatureEncoders, PreparedData, prepare_data
+from mtrank.errors import ArtifactError
+from mtrank.models.builder import build_ranker
+from mtrank.models.ranker import MultiTaskRanker
+from mtrank.training.checkpoint import atomic_write_text, load_tensors
+from mtrank.training.evaluation import Metrics
+from mtrank.training.progress import Progress
+from mtrank.training.trainer import WEIGHTS_FILE, FitResult, Trainer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+ENCODERS_FILE = "encoders.json"
+LOG_FILE = "train.log"
+
+
+@dataclass
+class RunResult:
+    """What :func:`train_run` produced."""
+
+    run_dir: Path
+    model: MultiTaskRanker
+    data: PreparedData
+    fit: FitResult
+    test_metrics: Metrics
+
+
+@contextmanager
+def log_to_file(path: Path) -> Iterator[None]:
+    """Copy mtrank's log records to ``path`` for the duration of the block."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package_logger = logging.getLogger("mtrank")
+    previous_level = package_logger.level
+    if package_logger.getEffectiveLevel() > logging.INFO:
+        package_logger.setLevel(logging.INFO)
+    package_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous_level)
+        handler.close()
+
+
+def train_run(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Prepare data, build the ranker, train it, evaluate on the test split and save the artifact.
+
+    Args:
+        config: validated run config.
+        run_dir: the artifact directory (created if needed).
+        resume: continue from the latest checkpoint in ``run_dir``.
+        progress: progress hook for the CLI.
+        stop_after: stop after this many epochs (for interruption tests).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.training.num_threads:
+        torch.set_num_threads(config.training.num_threads)
+    with log_to_file(run_dir / LOG_FILE):
+        logger.info("run %s: writing to %s", config.name, run_dir)
+        data = prepare_data(config)
+        atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
+        atomic_write_text(run_dir / ENCODERS_FILE, _encoders_json(data.encoders))
+        torch.manual_seed(config.seed)
+        model = build_ranker(config, data.encoders)
+        logger.info("model: %d parameters", sum(p.numel() for p in model.parameters()))
+        trainer = Trainer(model, config, run_dir=run_dir, progress=progress)
+        fit = trainer.fit(data.train, data.valid, resume=resume, stop_after=stop_after)
+        test_metrics = trainer.evaluate(data.test, "test")
+        trainer.write_metrics(fit, test_metrics)
+        for task, values in test_metrics.items():
+            logger.info("test %s: %s", task, " ".join(f"{k}={v:.5f}" for k, v in values.items()))
+    return RunResult(run_dir, model, data, fit, test_metrics)
+
+
+def _encoders_json(encoders: FeatureEncoders) -> str:
+    import json
+
+    return json.dumps(encoders.to_dict(), ensure_ascii=False)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run read back from its directory."""
+
+    run_dir: Path
+    config: RunConfig
+    encoders: FeatureEncoders
+    model: MultiTaskRanker
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    """Rebuild the config, encoders and model of a finished run, weights loaded, in eval mode.
+
+    Raises:
+        ArtifactError: a file of the run is missing or does not match the model.
+    """
+    for name in (CONFIG_FILE, ENCODERS_FILE, WEIGHTS_FILE):
+        if not (run_dir / name).is_file():
+            raise ArtifactError(f"{run_dir} is not a finished run: {name} is missing (train it with `mtrank train`)")
+    raw = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    config = parse_config(raw, str(run_dir / CONFIG_FILE))
+    encoders = FeatureEncoders.load(run_dir / ENCODERS_FILE)
+    model = build_ranker(config, encoders)
+    state = load_tensors(run_dir / WEIGHTS_FILE)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{run_dir / WEIGHTS_FILE} does not match the model built from its config: "
+            f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+    model.eval()
+    return LoadedRun(run_dir, config, encoders, model)
