@@ -18,11 +18,14 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     """Send mtrank's log records to the terminal through rich."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     package_logger = logging.getLogger("mtrank")
-    package_logger.setLevel(level)
-    if not any(isinstance(h, RichHandler) for h in package_logger.handlers):
-        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        package_logger.addHandler(handler)
+    # The logger passes INFO on so that a run's log file is complete; the terminal handler filters.
+    package_logger.setLevel(min(level, logging.INFO))
+    for handler in [h for h in package_logger.handlers if isinstance(h, RichHandler)]:
+        package_logger.removeHandler(handler)
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(level)
+    package_logger.addHandler(handler)
     package_logger.propagate = False
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from mtrank.config.schema import CategoricalFeature, RunConfig
+from mtrank.config.schema import BackboneConfig, CategoricalFeature, FeatureConfig, RunConfig, SplitConfig
 from mtrank.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -121,9 +121,21 @@ def _describe(error: Any) -> str:
         return f"{path}: unknown key{allowed}"
     if error["type"] == "missing":
         return f"{path}: required key is missing"
+    if error["type"] == "union_tag_not_found":
+        key = str(error.get("ctx", {}).get("discriminator", "")).strip("'")
+        return f"{path}.{key}: required key is missing; choose one of: {', '.join(_tag_choices(key))}"
     value = error.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
     return f"{path}: {error['msg']} (got {shown})"
+
+
+def _tag_choices(key: str) -> list[str]:
+    """Return the accepted values of a tagged union's tag key (``method``, ``type`` or ``kind``)."""
+    union = {"method": SplitConfig, "type": FeatureConfig, "kind": BackboneConfig}.get(key)
+    if union is None:
+        return []
+    members = typing.get_args(typing.get_args(union)[0])  # Annotated[Union[...], Field] -> the classes
+    return [tag for member in members if (tag := _tag_of(member)) is not None]
 
 
 def _expand_tree(value: Any) -> Any:
@@ -231,6 +243,12 @@ def check_semantics(config: RunConfig) -> list[str]:
                     f"tasks[{i}].metrics: `{metric}` needs `evaluation.group_column` (e.g. user_id)"
                 )
 
+    if config.model.batch_norm and config.training.batch_size < 2:
+        problems.append(
+            "training.batch_size: batch norm needs at least 2 rows per training batch, got 1; "
+            "raise `training.batch_size` or set `model.batch_norm: false`"
+        )
+
     stopping = config.training.early_stopping
     if stopping is not None:
         scope, _, metric = stopping.metric.partition("/")
@@ -257,12 +275,17 @@ def check_semantics(config: RunConfig) -> list[str]:
                 problems.append(
                     f"model.position_bias.tasks: unknown task `{name}`; choose from: {', '.join(task_metrics)}"
                 )
-        for column in [bias.position, *bias.device]:
-            if column in feature_columns:
-                problems.append(
-                    f"model.position_bias: column `{column}` is also {feature_columns[column]}; the shallow tower "
-                    "must own it, so remove it from the features"
-                )
+        if bias.position in feature_columns:
+            problems.append(
+                f"model.position_bias.position: column `{bias.position}` is also {feature_columns[bias.position]}; "
+                "position must reach only the shallow tower (it is missing at serving), so remove it from the features"
+            )
+    for i, feature in enumerate(config.features):
+        if feature.source.startswith("true_"):
+            problems.append(
+                f"features[{i}]: `{feature.source}` is a simulated ground-truth column, kept for evaluation only; "
+                "remove it from the features"
+            )
     return problems
 
 

@@ -67,7 +67,7 @@ class JoinConfig(Strict):
     """A side table (such as user features) left-joined onto the log by a key column."""
 
     path: str
-    on: str
+    key: str = Field(description="column present in both files")
     format: Literal["auto", "csv", "tsv", "parquet"] = "auto"
     separator: str | None = None
     columns: list[str] | None = Field(None, description="columns to keep from the side table; all by default")

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 ROW_COLUMN = "__row__"
 # Columns with this prefix hold simulated ground truth: kept for evaluation, never fed to the model.
 TRUTH_PREFIX = "true_"
+# Evaluation-only copy of the encoded position ids.
+POSITION_EXTRA = "position_id"
 # How many invalid rows a log message or error quotes.
 MAX_EXAMPLES = 3
 
@@ -160,10 +162,15 @@ class FeatureEncoders:
                 label_array[:, j] = encoder.transform(table[source]).values
             labels = torch.from_numpy(label_array)
         position = device = None
+        extras: dict[str, np.ndarray] = {}
         if self.position is not None:
             column, encoder = self.position
-            if with_position and column in table.column_names:
-                position = torch.from_numpy(encoder.transform(table[column]).values)
+            position_ids = encoder.transform(table[column]).values if column in table.column_names else None
+            if position_ids is not None:
+                # Kept for evaluation (learned bias per position) even when the model must not see it.
+                extras[POSITION_EXTRA] = position_ids
+            if with_position and position_ids is not None:
+                position = torch.from_numpy(position_ids)
             else:
                 position = torch.zeros(num_rows, dtype=torch.int64)
             device_ids = np.zeros((num_rows, len(self.device)), dtype=np.int64)
@@ -189,7 +196,6 @@ class FeatureEncoders:
                     zero_copy_only=False
                 )
             )
-        extras: dict[str, np.ndarray] = {}
         for name in table.column_names:
             if name.startswith(TRUTH_PREFIX):
                 extras[name] = parse_float(table[name])[0]
@@ -266,10 +272,10 @@ def read_source(data: DataConfig, path: str, columns: list[str]) -> pa.Table:
             side_path, file_format=join.format, separator=join.separator, columns=None, strip=data.strip
         ).column_names
         available = set(join.columns or side_names)
-        side_columns = [c for c in columns if c in available and c != join.on]
+        side_columns = [c for c in columns if c in available and c != join.key]
         own_columns = [c for c in columns if c not in side_columns]
-        if join.on not in own_columns:
-            own_columns.append(join.on)
+        if join.key not in own_columns:
+            own_columns.append(join.key)
     table = read_table(
         resolved,
         file_format=data.format,
@@ -286,12 +292,12 @@ def read_source(data: DataConfig, path: str, columns: list[str]) -> pa.Table:
             side_path,
             file_format=join.format,
             separator=join.separator,
-            columns=[join.on, *side_columns],
+            columns=[join.key, *side_columns],
             strip=data.strip,
             missing_values=data.missing_values,
         )
-        side = _unique_keys(side, join.on, side_path)
-        table = table.join(side, keys=join.on, join_type="left outer", coalesce_keys=True)
+        side = _unique_keys(side, join.key, side_path)
+        table = table.join(side, keys=join.key, join_type="left outer", coalesce_keys=True)
         # Arrow joins do not keep row order; restore the file order.
         table = table.sort_by(ROW_COLUMN)
         unmatched = int(pc.sum(pc.is_null(table[side_columns[0]])).as_py() or 0)
@@ -301,7 +307,7 @@ def read_source(data: DataConfig, path: str, columns: list[str]) -> pa.Table:
                 unmatched,
                 table.num_rows,
                 resolved,
-                join.on,
+                join.key,
                 side_path,
             )
     return table
@@ -496,7 +502,11 @@ def encode_for_scoring(
     if encoders.group_column:
         columns.append(encoders.group_column)
     columns = list(dict.fromkeys(columns))
-    table = read_source(data, path, columns + _truth_columns(data, path))
+    truth = _truth_columns(data, path)
+    if truth and encoders.position is not None:
+        # A simulated log: read the position too, for the learned-bias table (never for scoring).
+        columns.append(encoders.position[0])
+    table = read_source(data, path, columns + truth)
     table, skipped = drop_invalid(
         table, encoders, source=path, on_invalid=data.on_invalid, with_labels=with_labels
     )

@@ -121,11 +121,12 @@ def _read_text(
 
 
 def _header_names(path: Path, delimiter: str) -> list[str]:
+    # Malformed data rows are skipped here so that the full read, not this header read, reports them.
     try:
         reader = pacsv.open_csv(
             path,
             read_options=pacsv.ReadOptions(block_size=1 << 20),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lambda _row: "skip"),
         )
     except pa.ArrowInvalid as exc:
         raise DataError(f"cannot parse the header of {path}: {exc}") from None

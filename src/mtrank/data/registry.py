@@ -2,7 +2,7 @@
 
 A file is looked for, in order, under ``$MTRANK_DATA_DIR/<dataset>/``, then in the download cache
 (``$MTRANK_CACHE_DIR`` or ``~/.cache/mtrank``), then downloaded from its official location when a URL
-is known. Config paths of the form ``dataset:<name>/<file>`` resolve through this registry.
+is known and ``$MTRANK_OFFLINE`` is unset. Config paths of the form ``dataset:<name>/<file>`` resolve through this registry.
 """
 
 from __future__ import annotations
@@ -210,6 +210,8 @@ def locate(dataset: str, file: str, *, download: bool = True) -> Path:
         if candidate.is_file():
             return candidate
     where = " or ".join(str(c) for c in candidates)
+    if os.environ.get("MTRANK_OFFLINE"):
+        download = False
     if not download or entry.url is None:
         raise DatasetNotFoundError(
             f"{dataset}/{file} is not on disk (looked in {where}) and cannot be downloaded here; "
