@@ -73,6 +73,25 @@ class JoinConfig(Strict):
     columns: list[str] | None = Field(None, description="columns to keep from the side table; all by default")
 
 
+class RowFilter(Strict):
+    """Keep only rows whose ``column`` passes one test, e.g. one user segment for a scenario."""
+
+    column: str
+    equals: str | int | float | None = None
+    not_equals: str | int | float | None = None
+    isin: list[str | int | float] | None = Field(None, alias="in")
+    not_in: list[str | int | float] | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_test(self) -> RowFilter:
+        tests = [self.equals, self.not_equals, self.isin, self.not_in]
+        if sum(t is not None for t in tests) != 1:
+            raise ValueError("set exactly one of `equals`, `not_equals`, `in`, `not_in`")
+        return self
+
+
 class DataConfig(Strict):
     """Where the logs are and how to parse them."""
 
@@ -87,6 +106,7 @@ class DataConfig(Strict):
         "skip", description="rows with unparsable values: skip (counted and logged) or raise"
     )
     join: JoinConfig | None = None
+    filters: list[RowFilter] = Field(default_factory=list, description="row filters applied before splitting")
     split: SplitConfig = Field(default_factory=RandomSplit)
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mtrank.config.schema import CategoricalFeature, ColumnSplit, DataConfig, FilesSplit, RunConfig
+from mtrank.config.schema import CategoricalFeature, ColumnSplit, DataConfig, FilesSplit, RowFilter, RunConfig
 from mtrank.data.encoders import (
     Encoder,
     LabelEncoder,
@@ -261,8 +261,12 @@ class PreparedData:
 
 
 def read_source(data: DataConfig, path: str, columns: list[str]) -> pa.Table:
-    """Read ``columns`` of one log file (joining the side table if configured) with a row-number column."""
+    """Read ``columns`` of one log file (joining the side table if configured) with a row-number column.
+
+    The config's row filters are applied after the join, so they may test side-table columns.
+    """
     resolved = resolve_path(path)
+    columns = list(dict.fromkeys([*columns, *(f.column for f in data.filters)]))
     join = data.join
     own_columns = columns
     side_columns: list[str] = []
@@ -310,7 +314,28 @@ def read_source(data: DataConfig, path: str, columns: list[str]) -> pa.Table:
                 join.key,
                 side_path,
             )
-    return table
+    return apply_filters(table, data.filters, str(resolved))
+
+
+def apply_filters(table: pa.Table, filters: list[RowFilter], source: str) -> pa.Table:
+    """Keep the rows that pass every filter (compared as text), logging how many were removed."""
+    if not filters:
+        return table
+    keep = np.ones(table.num_rows, dtype=bool)
+    for row_filter in filters:
+        text = pc.cast(table[row_filter.column], pa.string())
+        if row_filter.equals is not None:
+            passed = pc.equal(text, str(row_filter.equals))
+        elif row_filter.not_equals is not None:
+            passed = pc.not_equal(text, str(row_filter.not_equals))
+        else:
+            values = pa.array([str(v) for v in (row_filter.isin or row_filter.not_in or [])], type=pa.string())
+            passed = pc.is_in(text, value_set=values)
+            if row_filter.not_in is not None:
+                passed = pc.invert(passed)
+        keep &= np.asarray(pc.fill_null(passed, False).to_numpy(zero_copy_only=False), dtype=bool)
+    logger.info("%s: row filters kept %d of %d rows", source, int(keep.sum()), table.num_rows)
+    return table.filter(pa.array(keep))
 
 
 def _unique_keys(side: pa.Table, key: str, path: Path) -> pa.Table:

@@ -43,7 +43,7 @@ def build_ranker(config: RunConfig, encoders: FeatureEncoders) -> MultiTaskRanke
         from mtrank.models.attention import FieldAttention
 
         interaction = FieldAttention(
-            dim=attention.dim,
+            attention.dim,
             num_layers=attention.num_layers,
             num_heads=attention.num_heads,
             head_dim=attention.head_dim,
