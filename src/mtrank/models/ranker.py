@@ -122,9 +122,12 @@ class MultiTaskRanker(nn.Module):
             logits = logits.index_add(1, self.bias_index, bias)
         return RankerOutput(logits=logits, gates=hidden.gates, bias_logits=bias)
 
-    def last_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Return the last layer shared by all tasks (GradNorm's W), with names."""
-        return self.backbone.last_shared_parameters()
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """Return the parameters of the last layer shared by all tasks (GradNorm's W).
+
+        :func:`mtrank.balancing.default_shared_parameters` calls this and looks up the names itself.
+        """
+        return [parameter for _name, parameter in self.backbone.last_shared_parameters()]
 
 
 def tower(in_dim: int, hidden: Sequence[int], *, activation: str, dropout: float = 0.0) -> MLP:

@@ -153,9 +153,16 @@ class Trainer:
         total_sum = 0.0
         steps = 0
         batch_size = config.training.batch_size
+        # Batch norm cannot normalise a single row in training mode, so a last batch of one row is left
+        # out of the epoch. Shuffling makes it a different row each epoch.
+        skip_single_row = any(isinstance(m, (nn.BatchNorm1d, nn.SyncBatchNorm)) for m in self.model.modules())
         self.progress.start(f"epoch {epoch}", math.ceil(len(data) / batch_size))
         for batch in iterate_batches(data, batch_size, shuffle=True, generator=generator):
             assert batch.labels is not None  # training data is always encoded with labels
+            if skip_single_row and len(batch) == 1:
+                logger.debug("epoch %d: skipped a last batch of one row (batch norm needs two)", epoch)
+                self.progress.advance()
+                continue
             output = self.model(batch)
             losses = task_losses(output.logits, batch.labels, self.loss_kinds)  # (T,)
             self.optimizer.zero_grad(set_to_none=True)
