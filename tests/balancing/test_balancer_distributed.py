@@ -18,7 +18,7 @@ WORLD_SIZE = 2
 def _run_rank(rank: int, init_file: str, output_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
-        # Uncertainty: rank r sees a binary loss of 0.1 * (r + 1); d/ds at s = 0 is 0.5 - L = (0.4, 0.3).
+        # Uncertainty: rank r has a binary loss of 0.1 * (r + 1); d/ds at s = 0 is 0.5 - L = (0.4, 0.3).
         uncertainty = build_balancer("uncertainty", ["click"], ["binary"], {"lr": 1.0, "optimizer": "sgd"})
         uncertainty.combine(torch.tensor([0.1 * (rank + 1)])).backward()
         uncertainty.step()

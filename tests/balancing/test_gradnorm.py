@@ -193,8 +193,13 @@ def test_missing_shared_parameters_raises() -> None:
 
 
 def test_invalid_options_listed_together() -> None:
-    with pytest.raises(ConfigError, match="`alpha` must be.*\n.*`lr` must be"):
-        make_balancer(2, alpha=-1.0, lr=0.0)
+    with pytest.raises(ConfigError) as caught:
+        make_balancer(2, alpha=-1.0, lr="fast", optimizer="lbfgs")
+    assert caught.value.problems == [
+        "`alpha` must be a finite number >= 0, got -1.0",
+        "`optimizer` must be one of adam, sgd, got `lbfgs`",
+        "`lr` must be a positive number, got 'fast'",
+    ]
 
 
 def _toy_problem(seed: int) -> tuple[torch.Tensor, torch.Tensor, nn.Sequential, nn.ModuleList]:

@@ -35,8 +35,8 @@ A trainer uses it like this; the balancer's parameters stay out of the network o
         balancer.step()
     balancer.end_epoch(epoch_mean_losses)
 
-For a checkpoint, ``balancer.state_dict()`` holds tensors only (safetensors can store it), and
-``balancer.optimizer_state_dict()`` holds the state of its optimizer.
+For a checkpoint, ``balancer.state_dict()`` contains tensors only (safetensors can store it), and
+``balancer.optimizer_state_dict()`` contains the state of its optimizer.
 """
 
 from mtrank.balancing.base import (

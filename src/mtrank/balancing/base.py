@@ -25,9 +25,9 @@ class LossBalancer(nn.Module):
 
     Shapes: T tasks.
 
-    A trainer uses a balancer in five calls; see the package docstring for the full loop:
-    ``combine`` once per batch, ``backward`` on its result, the network optimizer's ``step``,
-    then ``step`` here, and ``end_epoch`` once per epoch. A balancer's own parameters (GradNorm's
+    A trainer calls ``combine`` once per batch and ``backward`` on its result. After the network
+    optimizer's ``step`` it calls ``step`` here, and it calls ``end_epoch`` once per epoch. The
+    package docstring shows the full loop. A balancer's own parameters (GradNorm's
     task weights, the log-variances of uncertainty weighting) are updated only by ``step`` with the
     balancer's own ``optimizer``, so the trainer must leave them out of the network optimizer.
 
@@ -211,12 +211,17 @@ def build_balancer_optimizer(
     return torch.optim.Adam(list(parameters), lr=lr)
 
 
+def is_finite_number(value: object) -> bool:
+    """Return whether ``value`` is a finite int or float (not a bool, string or tensor)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_optimizer_options(optimizer: str, lr: float, problems: list[str]) -> None:
     """Append a problem for an unknown optimizer name or a learning rate that is not positive."""
     if optimizer not in BALANCER_OPTIMIZERS:
         problems.append(f"`optimizer` must be one of {', '.join(BALANCER_OPTIMIZERS)}, got `{optimizer}`")
-    if not (math.isfinite(lr) and lr > 0):
-        problems.append(f"`lr` must be a positive number, got {lr}")
+    if not (is_finite_number(lr) and lr > 0):
+        problems.append(f"`lr` must be a positive number, got {lr!r}")
 
 
 def _validate_tasks(task_names: Sequence[str], task_types: Sequence[str]) -> list[str]:

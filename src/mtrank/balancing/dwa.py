@@ -12,13 +12,12 @@ epochs, when the ratio is not yet defined. The weights always sum to T.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from mtrank.balancing.base import LossBalancer, all_reduce_mean_, register_balancer
+from mtrank.balancing.base import LossBalancer, all_reduce_mean_, is_finite_number, register_balancer
 from mtrank.errors import ConfigError
 
 # Temperature of the softmax over loss ratios; Liu et al. 2019 use 2. A larger value gives more
@@ -53,8 +52,8 @@ class DWABalancer(LossBalancer):
         temperature: float = DWA_TEMPERATURE,
     ) -> None:
         super().__init__(task_names, task_types)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ConfigError([f"`temperature` must be a positive number, got {temperature}"])
+        if not (is_finite_number(temperature) and temperature > 0):
+            raise ConfigError([f"`temperature` must be a positive number, got {temperature!r}"])
         self.temperature = float(temperature)
         self.register_buffer("task_weights", torch.ones(self.num_tasks))
         # Mean loss per task of the last two epochs: row 0 is epoch t-2, row 1 is epoch t-1.

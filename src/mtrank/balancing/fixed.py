@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from mtrank.balancing.base import LossBalancer, register_balancer
+from mtrank.balancing.base import LossBalancer, is_finite_number, register_balancer
 from mtrank.errors import ConfigError
 
 
@@ -48,7 +47,7 @@ class FixedBalancer(LossBalancer):
             for task in sorted(set(given) - set(self.task_names))
         ]
         for task, value in given.items():
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not is_finite_number(value) or value < 0:
                 problems.append(f"weight of task `{task}` must be a finite number >= 0, got {value!r}")
         values = [float(given.get(task, 1.0)) for task in self.task_names]
         if not problems and not any(value > 0 for value in values):

@@ -24,7 +24,6 @@ nothing below W.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +34,7 @@ from mtrank.balancing.base import (
     all_reduce_mean_,
     build_balancer_optimizer,
     check_optimizer_options,
+    is_finite_number,
     register_balancer,
 )
 from mtrank.errors import ConfigError
@@ -42,7 +42,7 @@ from mtrank.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # Asymmetry alpha: Chen et al. 2018 use 1.5 on NYUv2 and 0.12 on their synthetic tasks. Larger
-# values push slow tasks harder; 0 asks for equal gradient norms.
+# values push slow tasks harder, and 0 targets equal gradient norms.
 GRADNORM_ALPHA = 1.5
 
 # Adam learning rate of the task weights.
@@ -96,8 +96,8 @@ class GradNormBalancer(LossBalancer):
     ) -> None:
         super().__init__(task_names, task_types)
         problems: list[str] = []
-        if not (math.isfinite(alpha) and alpha >= 0):
-            problems.append(f"`alpha` must be a finite number >= 0, got {alpha}")
+        if not (is_finite_number(alpha) and alpha >= 0):
+            problems.append(f"`alpha` must be a finite number >= 0, got {alpha!r}")
         check_optimizer_options(optimizer, lr, problems)
         if problems:
             raise ConfigError(problems)
@@ -117,9 +117,9 @@ class GradNormBalancer(LossBalancer):
     ) -> torch.Tensor:
         """Return ``sum_i w_i * L_i`` and accumulate ``grad_w L_grad`` into ``task_weights.grad``.
 
-        Pass the losses as a sequence of T scalars where possible: the gradient of one task at W
-        then runs back through that task's own tower only, whereas slicing a stacked ``(T,)`` tensor
-        runs every tower once per task (with zero gradients for the others).
+        Pass the losses as a sequence of T scalars where possible. The gradient of one task at W
+        then runs back through that task's own tower only. Slicing a stacked ``(T,)`` tensor instead
+        runs every tower once per task, with zero gradients for the other tasks.
 
         Args:
             losses: the T unweighted task losses, ``(T,)`` or T scalars.

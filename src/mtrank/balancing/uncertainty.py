@@ -20,7 +20,6 @@ needs a negative s_i, and a lower bound on s_i would stop its weight from adapti
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +29,7 @@ from mtrank.balancing.base import (
     LossBalancer,
     build_balancer_optimizer,
     check_optimizer_options,
+    is_finite_number,
     register_balancer,
 )
 from mtrank.errors import ConfigError
@@ -76,8 +76,8 @@ class UncertaintyBalancer(LossBalancer):
         super().__init__(task_names, task_types)
         problems: list[str] = []
         check_optimizer_options(optimizer, lr, problems)
-        if not math.isfinite(initial_log_variance):
-            problems.append(f"`initial_log_variance` must be finite, got {initial_log_variance}")
+        if not is_finite_number(initial_log_variance):
+            problems.append(f"`initial_log_variance` must be a finite number, got {initial_log_variance!r}")
         if problems:
             raise ConfigError(problems)
         self.log_variances = nn.Parameter(torch.full((self.num_tasks,), float(initial_log_variance)))
