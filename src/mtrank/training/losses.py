@@ -14,6 +14,15 @@ LOSSES = {
 }
 
 
+def task_loss_list(logits: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]) -> list[torch.Tensor]:
+    """Return each task's mean loss as a separate scalar.
+
+    GradNorm differentiates each task's loss on its own; separate scalars keep each gradient to the
+    task's own tower instead of running every tower backward once per task.
+    """
+    return [LOSSES[kind](logits[:, t], labels[:, t]) for t, kind in enumerate(kinds)]
+
+
 def task_losses(logits: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]) -> torch.Tensor:
     """Return the mean loss of each task.
 
@@ -25,7 +34,7 @@ def task_losses(logits: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]
     Returns:
         ``(T,)`` losses, each averaged over the batch.
     """
-    return torch.stack([LOSSES[kind](logits[:, t], labels[:, t]) for t, kind in enumerate(kinds)])
+    return torch.stack(task_loss_list(logits, labels, kinds))
 
 
 def to_predictions(logits: torch.Tensor, kinds: Sequence[str]) -> torch.Tensor:

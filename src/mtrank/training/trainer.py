@@ -28,7 +28,7 @@ from mtrank.training.checkpoint import (
     write_checkpoint,
 )
 from mtrank.training.evaluation import Metrics, evaluate_model
-from mtrank.training.losses import task_losses
+from mtrank.training.losses import task_loss_list
 from mtrank.training.progress import NoProgress, Progress
 
 logger = logging.getLogger(__name__)
@@ -164,10 +164,11 @@ class Trainer:
                 self.progress.advance()
                 continue
             output = self.model(batch)
-            losses = task_losses(output.logits, batch.labels, self.loss_kinds)  # (T,)
+            loss_list = task_loss_list(output.logits, batch.labels, self.loss_kinds)  # T scalars
+            losses = torch.stack([loss.detach() for loss in loss_list])  # (T,)
             self.optimizer.zero_grad(set_to_none=True)
             self.balancer.zero_grad(set_to_none=True)
-            total = self.balancer.combine(losses, self.shared_parameters)
+            total = self.balancer.combine(loss_list, self.shared_parameters)
             if not torch.isfinite(total):
                 raise FloatingPointError(
                     f"epoch {epoch}, step {steps}: the total loss is {total.item()} (per task: "
