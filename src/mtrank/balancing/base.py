@@ -156,8 +156,8 @@ class LossBalancer(nn.Module):
         """Adjust the parameters after each optimizer step, such as GradNorm's renormalisation."""
 
     def _record(self, losses: torch.Tensor, weights: torch.Tensor) -> None:
-        self._last_losses = losses.detach()
-        self._last_weights = weights.detach()
+        self._last_losses = losses.detach().clone()  # a snapshot: later in-place weight updates must not change it
+        self._last_weights = weights.detach().clone()  # a snapshot: later in-place weight updates must not change it
 
     def _loss_vector(
         self, losses: torch.Tensor | Sequence[torch.Tensor]

@@ -1,12 +1,23 @@
-"""The training loop: batches, task losses, loss balancing, validation, early stopping, checkpoints."""
+"""The training loop: batches, task losses, loss balancing, validation, early stopping, checkpoints.
+
+Files the trainer writes into its run directory::
+
+    metrics.json       per-epoch train/validation records, best epoch and test metrics
+    steps.jsonl        one JSON object per training step: the balancer's statistics (see ``Trainer``)
+    task_weights.png   task weights and unweighted losses per step (needs matplotlib)
+    model.safetensors  the kept (best or last) weights
+    checkpoints/       the latest complete checkpoints, for resuming
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import time
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +46,16 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
+STEPS_FILE = "steps.jsonl"
+WEIGHTS_PLOT_FILE = "task_weights.png"
 CHECKPOINTS = "checkpoints"
 # Per-epoch seeds are derived from the run seed with this stride, so epoch k's shuffling and dropout
 # are the same whether the run was resumed or not.
 EPOCH_SEED_STRIDE = 1_000_003
+# The error for an unknown `shared_layer` prefix lists the model's layer names. Past this many, it
+# gives the count of the remaining layers instead.
+MAX_LISTED_LAYERS = 80
+SHARED_LAYER_KEY = "training.balancer.options.shared_layer"
 
 
 def build_optimizer(parameters: Sequence[nn.Parameter], training: TrainingConfig) -> torch.optim.Optimizer:
@@ -56,15 +73,170 @@ def build_optimizer(parameters: Sequence[nn.Parameter], training: TrainingConfig
     return torch.optim.SGD(params, lr=training.lr, weight_decay=training.weight_decay)
 
 
+class StepStats:
+    """Per-step statistics of one epoch, stored as float64 columns (8 bytes per value).
+
+    The columns are the keys of :meth:`~mtrank.balancing.LossBalancer.last_stats` plus
+    ``loss/total``. A key that first appears after some steps is padded with NaN for the earlier
+    steps, and a step that lacks a known key stores NaN for it.
+
+    Example:
+        >>> stats = StepStats()
+        >>> stats.append({"loss/click": 0.5, "weight/click": 1.0})
+        >>> stats.append({"loss/click": 0.25, "weight/click": 1.0})
+        >>> stats.mean("loss/click")
+        0.375
+    """
+
+    def __init__(self) -> None:
+        self.columns: dict[str, array[float]] = {}
+        self.num_steps = 0
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def append(self, values: Mapping[str, float]) -> None:
+        """Add one step's values."""
+        for key, value in values.items():
+            column = self.columns.get(key)
+            if column is None:
+                column = self.columns[key] = array("d", [math.nan] * self.num_steps)
+            column.append(float(value))
+        self.num_steps += 1
+        for column in self.columns.values():
+            if len(column) < self.num_steps:
+                column.append(math.nan)
+
+    def rows(self) -> Iterator[dict[str, float]]:
+        """Yield one ``{key: value}`` dict per step, in step order."""
+        keys = list(self.columns)
+        for index in range(self.num_steps):
+            yield {key: self.columns[key][index] for key in keys}
+
+    def mean(self, key: str) -> float:
+        """Return the mean of column ``key`` over its finite values, NaN when there are none."""
+        values = np.frombuffer(self.columns[key], dtype=np.float64) if key in self.columns else np.zeros(0)
+        finite = values[np.isfinite(values)]
+        return float(finite.mean()) if finite.size else math.nan
+
+
+def read_step_log(path: Path) -> dict[str, np.ndarray]:
+    """Read a run's ``steps.jsonl`` into one float64 column per key.
+
+    Args:
+        path: the step log written by :meth:`Trainer.fit`.
+
+    Returns:
+        ``{key: (N,) array}`` for N steps, including ``epoch`` and ``step``; a missing or ``null``
+        value reads as NaN.
+
+    Raises:
+        ArtifactError: the file is missing or a line is not a JSON object.
+    """
+    if not path.is_file():
+        raise ArtifactError(
+            f"step log not found: {path}; it is written by `Trainer.fit` with a run directory"
+        )
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ArtifactError(f"{path}, line {number}: not valid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ArtifactError(
+                    f"{path}, line {number}: expected a JSON object, got {type(row).__name__}"
+                )
+            rows.append(row)
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return {
+        key: np.array([math.nan if row.get(key) is None else row[key] for row in rows], dtype=np.float64)
+        for key in keys
+    }
+
+
+def select_parameters_by_prefix(model: nn.Module, prefixes: object) -> list[tuple[str, nn.Parameter]]:
+    """Return the trainable parameters whose names start with one of ``prefixes``, for GradNorm's W.
+
+    A prefix matches at a dot boundary: ``backbone.experts.1`` selects
+    ``backbone.experts.1.layers.0.weight`` but not ``backbone.experts.10.layers.0.weight``. A full
+    parameter name selects that parameter alone. A model wrapped in ``DistributedDataParallel`` or
+    ``DataParallel`` is unwrapped first, so names never start with ``module.``. Frozen parameters
+    under a prefix that also selects trainable ones are left out, and their names are logged.
+
+    Args:
+        model: the multi-task network.
+        prefixes: one name prefix, or a list of them (the value of ``shared_layer``).
+
+    Returns:
+        ``(name, parameter)`` pairs in the model's parameter order, without repeats.
+
+    Raises:
+        ConfigError: ``prefixes`` is not a non-empty string or list of them, a prefix matches no
+            parameter (the message lists the model's layers), or it matches only frozen parameters.
+    """
+    if isinstance(prefixes, str) and prefixes:
+        prefix_list = [prefixes]
+    elif isinstance(prefixes, (list, tuple)) and prefixes and all(isinstance(x, str) and x for x in prefixes):
+        prefix_list = list(prefixes)
+    else:
+        raise ConfigError(
+            [f"{SHARED_LAYER_KEY} must be a parameter name prefix or a list of them, got {prefixes!r}"]
+        )
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    module = model.module if isinstance(model, wrappers) else model
+    named = list(module.named_parameters())
+    chosen: set[str] = set()
+    problems: list[str] = []
+    for prefix in prefix_list:
+        stem = prefix.rstrip(".")
+        matches = [(n, p) for n, p in named if n == stem or n.startswith(f"{stem}.")]
+        trainable = [n for n, p in matches if p.requires_grad]
+        frozen = [n for n, p in matches if not p.requires_grad]
+        if not matches:
+            layers = sorted({n.rsplit(".", 1)[0] for n, p in named if p.requires_grad})
+            listed = ", ".join(layers[:MAX_LISTED_LAYERS])
+            rest = len(layers) - MAX_LISTED_LAYERS
+            more = f" and {rest} more" if rest > 0 else ""
+            problems.append(
+                f"{SHARED_LAYER_KEY}: no parameter name starts with `{prefix}`; "
+                f"layers with trainable parameters: {listed}{more}"
+            )
+        elif not trainable:
+            problems.append(
+                f"{SHARED_LAYER_KEY}: `{prefix}` selects only frozen parameters ({', '.join(frozen[:5])}); "
+                "GradNorm needs their gradients, so choose a trainable layer"
+            )
+        else:
+            if frozen:
+                logger.info(
+                    "GradNorm shared layer: left out frozen parameters under `%s`: %s", prefix, frozen
+                )
+            chosen.update(trainable)
+    if problems:
+        raise ConfigError(problems)
+    return [(n, p) for n, p in named if n in chosen]
+
+
 @dataclass
 class EpochRecord:
-    """What one epoch produced, as stored in ``metrics.json``."""
+    """What one epoch produced, as stored in ``metrics.json``.
+
+    ``seconds`` is the wall time of the epoch's training without validation, and ``cpu_seconds``
+    the CPU time the process spent in it, summed over its threads. On a machine shared with other
+    jobs, the CPU time varies less than the wall time. It is ``None`` in records read from
+    checkpoints written before it was recorded.
+    """
 
     epoch: int
     train: dict[str, float]
     valid: Metrics | None
     seconds: float
     samples_per_second: float
+    cpu_seconds: float | None = None
 
 
 @dataclass
@@ -82,7 +254,22 @@ class Trainer:
 
     The trainer owns the optimizer and the balancer; the model only computes logits. Each epoch
     reseeds torch from ``(seed, epoch)``, so a run resumed from a checkpoint continues exactly as an
-    uninterrupted run would.
+    uninterrupted run would. Checkpoints contain the balancer's state and its optimizer's state.
+
+    Step log: at every training step the trainer reads ``balancer.last_stats()`` right after
+    ``combine``, so ``weight/<task>`` is the weight that multiplied that step's loss, before the
+    balancer's ``step()`` updates it. With ``loss/<task>`` (unweighted), ``loss/total`` and, for
+    GradNorm, ``gradnorm/grad_norm/<task>`` (G_i) and ``gradnorm/target/<task>``, these values
+    are kept as columns for the current epoch in :attr:`epoch_steps` and logged at debug level. With a
+    run directory, :meth:`fit` appends them after each epoch to ``steps.jsonl``, one JSON object per
+    step with ``epoch`` and ``step`` (0-based within the epoch), NaN and infinities written as
+    ``null``. ``metrics.json`` names that file under ``steps_file``. At the end of :meth:`fit`, the
+    weights are plotted per step to ``task_weights.png``. A resumed run first drops the lines of
+    epochs after its checkpoint, so the log matches an uninterrupted run.
+
+    GradNorm's shared layer W is ``model.last_shared_parameters()`` unless
+    ``training.balancer.options.shared_layer`` names parameter prefixes, such as
+    ``backbone.experts.0`` (one prefix or a list). W's parameter names are logged at start.
 
     Args:
         model: the ranker (or any module with the same ``forward``).
@@ -110,7 +297,9 @@ class Trainer:
         self.loss_kinds = [t.loss or "bce" for t in self.tasks]
         self.run_dir = run_dir
         self.progress = progress or NoProgress()
-        params = list(trainable) if trainable is not None else [p for p in model.parameters() if p.requires_grad]
+        params = (
+            list(trainable) if trainable is not None else [p for p in model.parameters() if p.requires_grad]
+        )
         self.optimizer = build_optimizer(params, config.training)
         balancer_config = config.training.balancer
         options = dict(balancer_config.options)
@@ -124,27 +313,43 @@ class Trainer:
         self.shared_parameters: list[nn.Parameter] = []
         if self.balancer.needs_shared_parameters:
             self.shared_parameters = self._shared_parameters(shared_layer)
+        elif shared_layer is not None:
+            raise ConfigError(
+                [
+                    f"training.balancer.options.shared_layer: balancer `{balancer_config.name}` does not "
+                    "use a shared layer; remove the option (only gradnorm reads it)"
+                ]
+            )
+        self.epoch_steps = StepStats()
 
-    def _shared_parameters(self, pattern: str | None) -> list[nn.Parameter]:
-        """Pick GradNorm's shared layer W: by name prefix from the config, else the model's default."""
-        if pattern:
-            named = [(n, p) for n, p in self.model.named_parameters() if n.startswith(pattern) and p.requires_grad]
-            if not named:
-                choices = sorted({n.rsplit(".", 1)[0] for n, _ in self.model.named_parameters()})
-                raise ConfigError(
-                    [f"training.balancer.options.shared_layer: no parameter starts with `{pattern}`; "
-                     f"layers are: {', '.join(choices[:40])}"]
-                )
-        else:
+    def _shared_parameters(self, prefixes: object) -> list[nn.Parameter]:
+        """Pick GradNorm's shared layer W: by name prefixes from the config, else the model's default."""
+        if prefixes is None:
             from mtrank.balancing import default_shared_parameters
 
             named = default_shared_parameters(self.model)
-        logger.info("GradNorm shared layer W: %s", ", ".join(n for n, _ in named))
+        else:
+            named = select_parameters_by_prefix(self.model, prefixes)
+        values = sum(p.numel() for _, p in named)
+        logger.info("GradNorm shared layer W (%d values): %s", values, ", ".join(n for n, _ in named))
         return [p for _, p in named]
 
     # ------------------------------------------------------------------------------------------------
     def train_epoch(self, data: EncodedData, epoch: int) -> dict[str, float]:
-        """Run one epoch; return mean raw loss and final weight per task, and the mean total loss."""
+        """Run one epoch and keep its per-step balancer statistics in :attr:`epoch_steps`.
+
+        Args:
+            data: the training split.
+            epoch: the 1-based epoch number; it seeds shuffling and dropout.
+
+        Returns:
+            ``loss/<task>`` (mean unweighted loss), ``weight/<task>`` (the weight after the epoch,
+            which for DWA is the next epoch's), ``loss/total`` (mean balanced loss) and the epoch
+            mean of each method-specific statistic, such as ``gradnorm/grad_norm/<task>``.
+
+        Raises:
+            FloatingPointError: the balanced loss of a step is not finite.
+        """
         config = self.config
         torch.manual_seed(config.seed + EPOCH_SEED_STRIDE * epoch)
         generator = torch.Generator().manual_seed(config.seed + EPOCH_SEED_STRIDE * epoch + 1)
@@ -156,6 +361,8 @@ class Trainer:
         # Batch norm cannot normalise a single row in training mode, so a last batch of one row is left
         # out of the epoch. Shuffling makes it a different row each epoch.
         skip_single_row = any(isinstance(m, (nn.BatchNorm1d, nn.SyncBatchNorm)) for m in self.model.modules())
+        self.epoch_steps = StepStats()
+        log_steps = logger.isEnabledFor(logging.DEBUG)
         self.progress.start(f"epoch {epoch}", math.ceil(len(data) / batch_size))
         for batch in iterate_batches(data, batch_size, shuffle=True, generator=generator):
             assert batch.labels is not None  # training data is always encoded with labels
@@ -169,16 +376,23 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.balancer.zero_grad(set_to_none=True)
             total = self.balancer.combine(loss_list, self.shared_parameters)
+            # Read now, before balancer.step() changes the weights: these are the weights of this step.
+            stats = self.balancer.last_stats()
             if not torch.isfinite(total):
+                per_task = dict(zip([t.name for t in self.tasks], losses.tolist(), strict=True))
                 raise FloatingPointError(
-                    f"epoch {epoch}, step {steps}: the total loss is {total.item()} (per task: "
-                    f"{dict(zip([t.name for t in self.tasks], losses.tolist()))}); lower `training.lr`"
+                    f"epoch {epoch}, step {steps}: the total loss is {total.item()} "
+                    f"(per task: {per_task}); lower `training.lr`"
                 )
             total.backward()
             self.optimizer.step()
             self.balancer.step()
             loss_sum += losses.detach().double()
-            total_sum += float(total.detach())
+            stats["loss/total"] = float(total.detach())
+            total_sum += stats["loss/total"]
+            self.epoch_steps.append(stats)
+            if log_steps:
+                logger.debug("epoch %d step %d: %s", epoch, steps, _format_values(stats))
             steps += 1
             self.progress.advance()
         self.progress.stop()
@@ -188,8 +402,9 @@ class Trainer:
         record = {f"loss/{t.name}": float(mean_losses[i]) for i, t in enumerate(self.tasks)}
         record.update({f"weight/{t.name}": float(weights[i]) for i, t in enumerate(self.tasks)})
         record["loss/total"] = total_sum / max(steps, 1)
-        for key, value in self.balancer.last_stats().items():
-            record.setdefault(key, float(value))
+        for key in self.epoch_steps.columns:
+            if not key.startswith(("loss/", "weight/")):
+                record[key] = self.epoch_steps.mean(key)
         return record
 
     def evaluate(self, data: EncodedData, split: str = "") -> Metrics:
@@ -205,7 +420,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def fit(
-        self, train: EncodedData, valid: EncodedData | None, *, resume: bool = False, stop_after: int | None = None
+        self,
+        train: EncodedData,
+        valid: EncodedData | None,
+        *,
+        resume: bool = False,
+        stop_after: int | None = None,
     ) -> FitResult:
         """Train for the configured epochs with early stopping; keep the best weights.
 
@@ -217,6 +437,10 @@ class Trainer:
 
         Returns:
             :class:`FitResult`; the model holds the best weights afterwards.
+
+        Raises:
+            ArtifactError: ``resume`` is set but ``run_dir`` holds no checkpoint.
+            FloatingPointError: the balanced loss of a step is not finite.
         """
         training = self.config.training
         stopping = training.early_stopping if valid is not None else None
@@ -226,14 +450,20 @@ class Trainer:
         start_epoch = 1
         if resume:
             start_epoch, best_state, bad_epochs = self._resume(result)
+        elif self.run_dir is not None:
+            atomic_write_text(self.run_dir / STEPS_FILE, "")
 
         epochs_run = 0
         for epoch in range(start_epoch, training.epochs + 1):
             started = time.perf_counter()
+            cpu_started = time.process_time()
             train_record = self.train_epoch(train, epoch)
             seconds = time.perf_counter() - started
+            cpu_seconds = time.process_time() - cpu_started
+            self._append_step_log(epoch)
             valid_metrics = self.evaluate(valid, "valid") if valid is not None else None
-            record = EpochRecord(epoch, train_record, valid_metrics, seconds, len(train) / max(seconds, 1e-9))
+            samples_per_second = len(train) / max(seconds, 1e-9)
+            record = EpochRecord(epoch, train_record, valid_metrics, seconds, samples_per_second, cpu_seconds)
             result.history.append(record)
             self._log_epoch(record)
 
@@ -255,8 +485,13 @@ class Trainer:
             epochs_run += 1
             if stopping is not None and bad_epochs >= stopping.patience:
                 logger.info(
-                    "early stopping after epoch %d: %s has not improved for %d epoch(s); best %.5f at epoch %d",
-                    epoch, stopping.metric, bad_epochs, result.best_value, result.best_epoch,
+                    "early stopping after epoch %d: %s has not improved for %d epoch(s); "
+                    "best %.5f at epoch %d",
+                    epoch,
+                    stopping.metric,
+                    bad_epochs,
+                    result.best_value,
+                    result.best_epoch,
                 )
                 result.stopped_early = True
                 break
@@ -267,16 +502,78 @@ class Trainer:
             self.model.load_state_dict(best_state)
         if self.run_dir is not None:
             atomic_save_tensors(self.run_dir / WEIGHTS_FILE, self.model.state_dict())
+            self._plot_weights()
         return result
 
+    def _append_step_log(self, epoch: int) -> None:
+        """Append the finished epoch's steps to ``steps.jsonl``, one JSON object per line."""
+        if self.run_dir is None:
+            return
+        lines = [
+            json.dumps(_finite({"epoch": epoch, "step": index, **row}), allow_nan=False) + "\n"
+            for index, row in enumerate(self.epoch_steps.rows())
+        ]
+        with (self.run_dir / STEPS_FILE).open("a", encoding="utf-8") as handle:
+            handle.writelines(lines)
+            # Synced before the epoch's checkpoint is written, so a checkpoint never outlives its steps.
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _truncate_step_log(self, last_epoch: int) -> None:
+        """Remove the step log lines after epoch ``last_epoch``, the epoch of the resumed checkpoint.
+
+        A run that stopped after writing an epoch's steps but before completing its checkpoint leaves
+        lines of a later epoch, and possibly a line cut short.
+        """
+        assert self.run_dir is not None  # only called on resume, which requires a run directory
+        path = self.run_dir / STEPS_FILE
+        if not path.is_file():
+            logger.warning("%s is missing, so the resumed step log starts at epoch %d", path, last_epoch + 1)
+            return
+        kept_lines: list[str] = []
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if not isinstance(row, dict) or row.get("epoch", last_epoch + 1) > last_epoch:
+                    break
+                kept_lines.append(line if line.endswith("\n") else line + "\n")
+        atomic_write_text(path, "".join(kept_lines))
+
+    def _plot_weights(self) -> None:
+        """Draw the task weights of every logged step to ``task_weights.png``."""
+        assert self.run_dir is not None  # only called with a run directory
+        from mtrank.training.plots import plot_task_weights
+
+        path = self.run_dir / STEPS_FILE
+        steps = read_step_log(path) if path.is_file() else {}
+        names = [t.name for t in self.tasks]
+        if not all(f"weight/{name}" in steps for name in names):
+            logger.info("no training steps in %s, so no task weight plot was drawn", STEPS_FILE)
+            return
+        title = f"{self.config.name}: {self.config.training.balancer.name} task weights"
+        written = plot_task_weights(steps, names, self.run_dir / WEIGHTS_PLOT_FILE, title=title)
+        if written is not None:
+            logger.info("task weight plot written: %s", written)
+
     def _log_epoch(self, record: EpochRecord) -> None:
-        parts = [f"{k}={v:.5f}" for k, v in record.train.items() if k.startswith(("loss/", "weight/"))]
-        logger.info("epoch %d train (%.1f s, %.0f samples/s): %s", record.epoch, record.seconds,
-                    record.samples_per_second, " ".join(parts))
+        logger.info(
+            "epoch %d train (%.1f s, %.0f samples/s): %s",
+            record.epoch,
+            record.seconds,
+            record.samples_per_second,
+            _format_values(record.train),
+        )
         if record.valid is not None:
             for task, values in record.valid.items():
-                logger.info("epoch %d valid %s: %s", record.epoch, task,
-                            " ".join(f"{k}={v:.5f}" for k, v in values.items()))
+                logger.info(
+                    "epoch %d valid %s: %s",
+                    record.epoch,
+                    task,
+                    " ".join(f"{k}={v:.5f}" for k, v in values.items()),
+                )
 
     def _checkpoint(
         self, epoch: int, result: FitResult, best_state: dict[str, torch.Tensor] | None, bad_epochs: int
@@ -314,18 +611,25 @@ class Trainer:
             raise ArtifactError("resume needs a run directory")
         latest = read_latest(self.run_dir / CHECKPOINTS)
         if latest is None:
-            raise ArtifactError(f"no checkpoint to resume from in {self.run_dir / CHECKPOINTS}; start without --resume")
+            raise ArtifactError(
+                f"no checkpoint to resume from in {self.run_dir / CHECKPOINTS}; start without --resume"
+            )
         folder, state = latest
         self.model.load_state_dict(load_tensors(folder / "model.safetensors"))
-        optimizer_from_tensors(self.optimizer, load_tensors(folder / "optimizer.safetensors"), state["optimizer"])
+        optimizer_from_tensors(
+            self.optimizer, load_tensors(folder / "optimizer.safetensors"), state["optimizer"]
+        )
         extra = load_tensors(folder / "extra.safetensors")
-        self.balancer.load_state_dict({k[len("balancer."):]: v for k, v in extra.items() if k.startswith("balancer.")})
+        self.balancer.load_state_dict(
+            {k[len("balancer.") :]: v for k, v in extra.items() if k.startswith("balancer.")}
+        )
         balancer_optimizer = getattr(self.balancer, "optimizer", None)
         if balancer_optimizer is not None and state.get("balancer_optimizer"):
             prefix = "balancer_optimizer."
-            tensors = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
+            tensors = {k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)}
             optimizer_from_tensors(balancer_optimizer, tensors, state["balancer_optimizer"])
-        best = {k[len("best."):]: v for k, v in extra.items() if k.startswith("best.")} or None
+        best = {k[len("best.") :]: v for k, v in extra.items() if k.startswith("best.")} or None
+        self._truncate_step_log(int(state["epoch"]))
         result.best_epoch = state["best_epoch"]
         result.best_value = state["best_value"]
         result.history = [_record_from_json(r) for r in state["history"]]
@@ -343,6 +647,7 @@ class Trainer:
             if self.config.training.early_stopping
             else None,
             "epochs": [_record_to_json(r) for r in result.history],
+            "steps_file": STEPS_FILE,
         }
         if test is not None:
             payload["test"] = test
@@ -354,6 +659,11 @@ def _lookup(metrics: Metrics, key: str) -> float:
     return metrics[scope][metric]
 
 
+def _format_values(values: Mapping[str, float]) -> str:
+    """Format ``{key: value}`` as ``key=value`` pairs on one line, five significant digits each."""
+    return " ".join(f"{key}={value:.5g}" for key, value in values.items())
+
+
 def _record_to_json(record: EpochRecord) -> dict[str, Any]:
     return {
         "epoch": record.epoch,
@@ -361,11 +671,19 @@ def _record_to_json(record: EpochRecord) -> dict[str, Any]:
         "valid": record.valid,
         "seconds": record.seconds,
         "samples_per_second": record.samples_per_second,
+        "cpu_seconds": record.cpu_seconds,
     }
 
 
 def _record_from_json(data: dict[str, Any]) -> EpochRecord:
-    return EpochRecord(data["epoch"], data["train"], data["valid"], data["seconds"], data["samples_per_second"])
+    return EpochRecord(
+        data["epoch"],
+        data["train"],
+        data["valid"],
+        data["seconds"],
+        data["samples_per_second"],
+        data.get("cpu_seconds"),
+    )
 
 
 def _finite(value: Any) -> Any:
