@@ -156,8 +156,9 @@ class LossBalancer(nn.Module):
         """Adjust the parameters after each optimizer step, such as GradNorm's renormalisation."""
 
     def _record(self, losses: torch.Tensor, weights: torch.Tensor) -> None:
-        self._last_losses = losses.detach().clone()  # a snapshot: later in-place weight updates must not change it
-        self._last_weights = weights.detach().clone()  # a snapshot: later in-place weight updates must not change it
+        # Snapshots: later in-place weight updates must not change what last_stats() reports.
+        self._last_losses = losses.detach().clone()
+        self._last_weights = weights.detach().clone()
 
     def _loss_vector(
         self, losses: torch.Tensor | Sequence[torch.Tensor]
