@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -55,11 +56,40 @@ def build_embedding(
         options: kind-specific settings from the config.
 
     Raises:
-        ConfigError: the kind is not registered.
+        ConfigError: the kind is not registered, or ``options`` names an argument the kind does not
+            take (a misspelled option, or ``dim`` or ``vocab_size``, which are set elsewhere).
     """
     factory = EMBEDDING_KINDS.get(kind)
     if factory is None:
         raise ConfigError(
             [f"unknown embedding kind `{kind}`; choose one of: {', '.join(sorted(EMBEDDING_KINDS))}"]
         )
+    _check_options(kind, factory, options)
     return factory(vocab_size=vocab_size, dim=dim, **options)
+
+
+def _check_options(kind: str, factory: EmbeddingFactory, options: dict[str, Any]) -> None:
+    """Raise one :class:`ConfigError` listing every option that ``factory`` would reject."""
+    parameters = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    allowed = sorted(
+        name
+        for name, parameter in parameters.items()
+        if name not in ("vocab_size", "dim")
+        and parameter.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    )
+    problems = []
+    for name in options:
+        if name == "dim":
+            problems.append(f"set the width as `embedding.dim`, not as the `{kind}` option `dim`")
+        elif name == "vocab_size":
+            problems.append(
+                "`vocab_size` is not an option because the fitted vocabulary sets it; "
+                "remove it from the options"
+            )
+        elif name not in allowed:
+            choices = ", ".join(allowed) or "none"
+            problems.append(f"embedding kind `{kind}` has no option `{name}`; its options are: {choices}")
+    if problems:
+        raise ConfigError(problems)
