@@ -329,7 +329,9 @@ def apply_filters(table: pa.Table, filters: list[RowFilter], source: str) -> pa.
         elif row_filter.not_equals is not None:
             passed = pc.not_equal(text, str(row_filter.not_equals))
         else:
-            values = pa.array([str(v) for v in (row_filter.isin or row_filter.not_in or [])], type=pa.string())
+            values = pa.array(
+                [str(v) for v in (row_filter.isin or row_filter.not_in or [])], type=pa.string()
+            )
             passed = pc.is_in(text, value_set=values)
             if row_filter.not_in is not None:
                 passed = pc.invert(passed)

@@ -138,7 +138,9 @@ class PLELevel(nn.Module):
         self, task_x: list[torch.Tensor], shared_x: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
         shared_out = [expert(shared_x) for expert in self.shared_experts]  # Es x (B, H)
-        task_out = [[expert(x) for expert in group] for group, x in zip(self.task_experts, task_x)]
+        task_out = [
+            [expert(x) for expert in group] for group, x in zip(self.task_experts, task_x, strict=True)
+        ]
         outputs, gate_weights = [], []
         for t, gate in enumerate(self.task_gates):
             pool = torch.stack(task_out[t] + shared_out, dim=1)  # (B, Et + Es, H)
@@ -147,7 +149,9 @@ class PLELevel(nn.Module):
             gate_weights.append(weights)
         next_shared = None
         if self.shared_gate is not None:
-            pool = torch.stack([o for group in task_out for o in group] + shared_out, dim=1)  # (B, T*Et + Es, H)
+            pool = torch.stack(
+                [o for group in task_out for o in group] + shared_out, dim=1
+            )  # (B, T*Et + Es, H)
             weights = torch.softmax(self.shared_gate(shared_x), dim=-1)
             next_shared = torch.einsum("be,beh->bh", weights, pool)
         return outputs, next_shared, torch.stack(gate_weights, dim=1)  # gates: (B, T, Et + Es)

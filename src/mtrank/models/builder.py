@@ -14,7 +14,7 @@ from mtrank.config.schema import (
 )
 from mtrank.data.pipeline import FeatureEncoders
 from mtrank.embeddings import build_embedding
-from mtrank.models.backbones import MMoE, PLE, Backbone, PLELevel, SharedBottom
+from mtrank.models.backbones import PLE, Backbone, MMoE, PLELevel, SharedBottom
 from mtrank.models.mlp import MLP
 from mtrank.models.ranker import FieldStack, MultiTaskRanker, tower
 from mtrank.models.shallow_tower import ShallowTower
@@ -35,7 +35,9 @@ def build_ranker(config: RunConfig, encoders: FeatureEncoders) -> MultiTaskRanke
     attention = model.attention
     embeddings = nn.ModuleDict()
     for feature in config.categorical_features():
-        embeddings[feature.name] = _embedding(feature, sizes[feature.name], attention.dim if attention else None)
+        embeddings[feature.name] = _embedding(
+            feature, sizes[feature.name], attention.dim if attention else None
+        )
 
     num_numeric = len(config.numeric_features())
     interaction = numeric_fields = None
@@ -58,7 +60,9 @@ def build_ranker(config: RunConfig, encoders: FeatureEncoders) -> MultiTaskRanke
     backbone = build_backbone(config, in_dim)
     towers = nn.ModuleDict(
         {
-            task.name: tower(backbone.out_dim, model.tower.hidden, activation=model.activation, dropout=model.dropout)
+            task.name: tower(
+                backbone.out_dim, model.tower.hidden, activation=model.activation, dropout=model.dropout
+            )
             for task in config.tasks
         }
     )
@@ -92,7 +96,9 @@ def build_ranker(config: RunConfig, encoders: FeatureEncoders) -> MultiTaskRanke
 
 def _embedding(feature: CategoricalFeature, vocab_size: int | None, forced_dim: int | None) -> nn.Module:
     dim = forced_dim or feature.embedding.dim or DEFAULT_EMBEDDING_DIM
-    return build_embedding(feature.embedding.kind, vocab_size=vocab_size, dim=dim, options=dict(feature.embedding.options))
+    return build_embedding(
+        feature.embedding.kind, vocab_size=vocab_size, dim=dim, options=dict(feature.embedding.options)
+    )
 
 
 def build_backbone(config: RunConfig, in_dim: int) -> Backbone:
@@ -102,7 +108,9 @@ def build_backbone(config: RunConfig, in_dim: int) -> Backbone:
     num_tasks = len(config.tasks)
 
     def expert(in_width: int, hidden: list[int]) -> MLP:
-        return MLP(in_width, hidden, activation=model.activation, dropout=model.dropout, batch_norm=model.batch_norm)
+        return MLP(
+            in_width, hidden, activation=model.activation, dropout=model.dropout, batch_norm=model.batch_norm
+        )
 
     if isinstance(spec, SharedBottomConfig):
         return SharedBottom(bottom=expert(in_dim, spec.hidden), num_tasks=num_tasks)
@@ -121,9 +129,12 @@ def build_backbone(config: RunConfig, in_dim: int) -> Backbone:
             levels.append(
                 PLELevel(
                     task_experts=[
-                        [expert(width, spec.expert_hidden) for _ in range(spec.num_task_experts)] for _ in range(num_tasks)
+                        [expert(width, spec.expert_hidden) for _ in range(spec.num_task_experts)]
+                        for _ in range(num_tasks)
                     ],
-                    shared_experts=[expert(width, spec.expert_hidden) for _ in range(spec.num_shared_experts)],
+                    shared_experts=[
+                        expert(width, spec.expert_hidden) for _ in range(spec.num_shared_experts)
+                    ],
                     task_gates=[nn.Linear(width, per_gate) for _ in range(num_tasks)],
                     shared_gate=None if last else nn.Linear(width, all_experts),
                 )

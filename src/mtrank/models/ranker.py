@@ -93,7 +93,9 @@ class MultiTaskRanker(nn.Module):
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Return the backbone input ``(B, I)`` from the batch's features."""
-        vectors = [emb(batch.categorical[:, j]) for j, emb in enumerate(self.embeddings.values())]  # Fc x (B, D)
+        vectors = [
+            emb(batch.categorical[:, j]) for j, emb in enumerate(self.embeddings.values())
+        ]  # Fc x (B, D)
         if self.interaction is None:
             return torch.cat([*vectors, batch.numeric], dim=-1)  # (B, sum D + Fn)
         fields = torch.stack(vectors, dim=1)  # (B, Fc, D)
@@ -113,7 +115,7 @@ class MultiTaskRanker(nn.Module):
         hidden = self.backbone(x)
         # 3. Towers: one logit per task.
         logits = torch.cat(
-            [tower(h) for tower, h in zip(self.towers.values(), hidden.task_inputs)], dim=-1
+            [tower(h) for tower, h in zip(self.towers.values(), hidden.task_inputs, strict=True)], dim=-1
         )  # T x (B, 1) -> (B, T)
         # 4. Position bias: add the shallow tower's logit to the chosen tasks.
         bias = None

@@ -40,13 +40,17 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.unlink(temporary)
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def atomic_save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Save tensors as safetensors through a temporary file and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata
+        )
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -118,9 +122,16 @@ def write_checkpoint(
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".epoch-{epoch:04d}."))
     try:
         opt_tensors, opt_plain = optimizer_to_tensors(optimizer)
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(staging / "model.safetensors"))
-        save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(staging / "optimizer.safetensors"))
-        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(staging / "extra.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in model.items()}, str(staging / "model.safetensors")
+        )
+        save_file(
+            {k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(staging / "optimizer.safetensors")
+        )
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()},
+            str(staging / "extra.safetensors"),
+        )
         (staging / "state.json").write_text(json.dumps({**state, "optimizer": opt_plain}), encoding="utf-8")
         for file in staging.iterdir():
             with file.open("rb") as handle:

@@ -22,7 +22,9 @@ Metrics = dict[str, dict[str, float]]
 
 
 @torch.no_grad()
-def predict(model: MultiTaskRanker, data: EncodedData, loss_kinds: Sequence[str], batch_size: int = 8192) -> np.ndarray:
+def predict(
+    model: MultiTaskRanker, data: EncodedData, loss_kinds: Sequence[str], batch_size: int = 8192
+) -> np.ndarray:
     """Score every row in eval mode.
 
     Returns:
@@ -40,7 +42,11 @@ def predict(model: MultiTaskRanker, data: EncodedData, loss_kinds: Sequence[str]
 
 
 def evaluate_predictions(
-    predictions: np.ndarray, data: EncodedData, tasks: Sequence[TaskConfig], group_column: str | None, split: str = ""
+    predictions: np.ndarray,
+    data: EncodedData,
+    tasks: Sequence[TaskConfig],
+    group_column: str | None,
+    split: str = "",
 ) -> Metrics:
     """Compute each task's metrics on the whole split, then their means across tasks under ``mean``.
 
@@ -70,7 +76,10 @@ def _means(results: Metrics) -> dict[str, float]:
         for name, value in values.items():
             if not name.endswith("_skipped"):
                 collected.setdefault(name, []).append(value)
-    return {name: (float(np.mean(v)) if all(math.isfinite(x) for x in v) else math.nan) for name, v in collected.items()}
+    return {
+        name: (float(np.mean(v)) if all(math.isfinite(x) for x in v) else math.nan)
+        for name, v in collected.items()
+    }
 
 
 def evaluate_model(

@@ -18,7 +18,11 @@ CENSUS_TEST = "census-income.test.gz"
 
 def preset_names() -> list[str]:
     """Return the names of the packaged presets."""
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files(__package__).iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in resources.files(__package__).iterdir()
+        if p.name.endswith(".yaml")
+    )
 
 
 def load_preset(name: str) -> RunConfig:
@@ -44,6 +48,8 @@ def census_config() -> RunConfig:
     locate("census-income-kdd", CENSUS_TEST)
     logger.info(
         "census: the training file %s is not on disk; splitting %s 80/20 with seed %d instead",
-        CENSUS_TRAIN, CENSUS_TEST, config.data.split.seed,
+        CENSUS_TRAIN,
+        CENSUS_TEST,
+        config.data.split.seed,
     )
     return config
