@@ -81,13 +81,26 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     data: str = typer.Option(None, "--data", help="Labelled file to evaluate; default: the run's test split."),
     out: Path = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
+    peft: str = typer.Option(
+        None,
+        "--peft",
+        help="Load this PEFT set from `mtrank finetune`: a name under RUN/peft/ or a set folder.",
+    ),
 ) -> None:
-    """Evaluate a trained run on its test split or on another labelled file."""
-    from mtrank.training.run import load_run
-    from mtrank.training.unbiased import evaluate_artifact
+    """Evaluate a trained run on its test split or on another labelled file.
 
-    loaded = load_run(run_dir)
-    report = evaluate_artifact(loaded, data)
+    With --peft and no --data, the test split is the fine-tune data's, encoded with the base encoders.
+    """
+    from mtrank.training.run import load_run
+    from mtrank.training.unbiased import EvaluationReport, evaluate_artifact
+
+    loaded = load_run(run_dir, peft=peft)
+    if peft is not None and data is None:
+        from mtrank.training.finetune import evaluate_finetune_split
+
+        report = EvaluationReport(metrics=evaluate_finetune_split(loaded, "test"))
+    else:
+        report = evaluate_artifact(loaded, data)
     stdout.print(metrics_table(f"metrics ({data or 'test split'})", report.metrics))
     for table in report.tables():
         stdout.print(table)
@@ -105,13 +118,48 @@ def predict(
     data: str = typer.Option(..., "--data", help="File to score (CSV, TSV, gzip CSV or Parquet)."),
     out: Path = typer.Option(..., "--out", help="Output file: .csv or .parquet, one column per task."),
     batch_size: int = typer.Option(8192, help="Rows scored per batch."),
+    peft: str = typer.Option(
+        None,
+        "--peft",
+        help="Load this PEFT set from `mtrank finetune`: a name under RUN/peft/ or a set folder.",
+    ),
 ) -> None:
-    """Score a file with a trained run; the position column is never needed."""
+    """Score a file with a trained run; the position column is never needed.
+
+    With --peft, the set's new tasks are extra columns after the base tasks.
+    """
     from mtrank.serving.scorer import Scorer
 
-    scorer = Scorer.from_run(run_dir)
+    scorer = Scorer.from_run(run_dir, peft=peft)
     rows = scorer.score_file(data, out, batch_size=batch_size)
     stdout.print(f"scored {rows} rows -> {out}")
+
+
+@app.command()
+@friendly_errors
+def finetune(
+    base_run: Path = typer.Argument(..., help="The finished base run directory."),
+    config: Path = typer.Argument(..., help="YAML fine-tune config: data, tasks, PEFT settings, training."),
+    method: str = typer.Option(..., "--method", help="PEFT method: adapter, prefix or lora."),
+    name: str = typer.Option(None, "--name", help="Name of the PEFT set; default: the config's `name`."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Folder for the set's files; default BASE_RUN/peft/NAME."
+    ),
+) -> None:
+    """Fine-tune a trained run with a PEFT method; only the PEFT modules and new task towers are saved."""
+    from mtrank.training.finetune import finetune as finetune_run
+    from mtrank.training.finetune import load_finetune_config
+
+    finetune_config = load_finetune_config(config)
+    started = time.perf_counter()
+    result = finetune_run(base_run, finetune_config, method, name=name, out_dir=out, progress=RichProgress())
+    stdout.print(metrics_table(f"test metrics ({result.set_name}, {method})", result.test_metrics))
+    counts = result.counts
+    stdout.print(
+        f"trained {counts.trainable:,} values, {counts.percent_of_base:.2f}% of the base's {counts.base:,}; "
+        f"training {result.train_seconds:.1f} s"
+    )
+    stdout.print(f"PEFT set: {result.set_dir}  ({time.perf_counter() - started:.1f} s)")
 
 
 @app.command()
@@ -194,6 +242,11 @@ def datasets_fetch(name: str = typer.Argument(..., help="Dataset name from `mtra
         raise DatasetNotFoundError(f"unknown dataset `{name}`; known: {', '.join(sorted(DATASETS))}")
     for entry in DATASETS[name].files:
         stdout.print(f"{entry.name}: {locate(name, entry.name)}")
+
+
+from mtrank.cli.serve_export import register as register_serving_commands  # noqa: E402  (needs friendly_errors)
+
+register_serving_commands(app)
 
 
 def main() -> None:

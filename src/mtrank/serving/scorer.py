@@ -31,9 +31,15 @@ class Scorer:
         self.loss_kinds = [t.loss or "bce" for t in run.config.tasks]
 
     @classmethod
-    def from_run(cls, run_dir: str | Path) -> Scorer:
-        """Load a scorer from a run directory."""
-        return cls(load_run(Path(run_dir)))
+    def from_run(cls, run_dir: str | Path, *, peft: str | Path | None = None) -> Scorer:
+        """Load a scorer from a run directory, optionally with a fine-tuned PEFT set.
+
+        Args:
+            run_dir: the run folder.
+            peft: a PEFT set name under ``RUN/peft/`` or a set folder; its new tasks become extra
+                output columns after the base tasks.
+        """
+        return cls(load_run(Path(run_dir), peft=peft))
 
     def score_path(self, path: str, *, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
         """Score a file; return ``(row_ids, predictions (N, T))``; invalid rows are skipped and logged."""

@@ -27,6 +27,7 @@ from mtrank.data.pipeline import FeatureEncoders, PreparedData, prepare_data
 from mtrank.errors import ArtifactError
 from mtrank.models.builder import build_ranker
 from mtrank.models.ranker import MultiTaskRanker
+from mtrank.peft import PeftModel
 from mtrank.training.checkpoint import atomic_write_text, load_tensors
 from mtrank.training.evaluation import Metrics
 from mtrank.training.progress import Progress
@@ -113,20 +114,43 @@ def _encoders_json(encoders: FeatureEncoders) -> str:
 
 @dataclass
 class LoadedRun:
-    """A trained run read back from its directory."""
+    """A trained run read back from its directory.
+
+    Attributes:
+        run_dir: the run folder.
+        config: the run config; with a PEFT set, its tasks include the set's new tasks and its data
+            config is the fine-tune's.
+        encoders: the fitted encoders; with a PEFT set, label encoders of the new tasks are added.
+        model: the ranker, or a :class:`~mtrank.peft.PeftModel` around it with the set active.
+        peft_set: name of the loaded PEFT set, or ``None`` for the base run alone.
+        peft_dir: folder of the loaded PEFT set, or ``None``.
+    """
 
     run_dir: Path
     config: RunConfig
     encoders: FeatureEncoders
-    model: MultiTaskRanker
+    model: MultiTaskRanker | PeftModel
+    peft_set: str | None = None
+    peft_dir: Path | None = None
 
 
-def load_run(run_dir: Path) -> LoadedRun:
+def load_run(run_dir: Path, peft: str | Path | None = None) -> LoadedRun:
     """Rebuild the config, encoders and model of a finished run, weights loaded, in eval mode.
 
+    Args:
+        run_dir: the run folder.
+        peft: a PEFT set made by ``mtrank finetune``: its name under ``RUN/peft/`` or its folder.
+            The set is loaded onto the base and made active, see
+            :func:`mtrank.training.finetune.load_peft_run`.
+
     Raises:
-        ArtifactError: a file of the run is missing or does not match the model.
+        ArtifactError: a file of the run or the set is missing or does not match the model.
     """
+    if peft is not None:
+        # Imported here because the fine-tuning module builds on this one.
+        from mtrank.training.finetune import load_peft_run
+
+        return load_peft_run(run_dir, peft)
     for name in (CONFIG_FILE, ENCODERS_FILE, WEIGHTS_FILE):
         if not (run_dir / name).is_file():
             raise ArtifactError(f"{run_dir} is not a finished run: {name} is missing (train it with `mtrank train`)")
