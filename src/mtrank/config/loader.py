@@ -280,7 +280,14 @@ def check_semantics(config: RunConfig) -> list[str]:
                 f"model.position_bias.position: column `{bias.position}` is also {feature_columns[bias.position]}; "
                 "position must reach only the shallow tower (it is missing at serving), so remove it from the features"
             )
+    attention = config.model.attention
     for i, feature in enumerate(config.features):
+        dim = getattr(getattr(feature, "embedding", None), "dim", None)
+        if attention is not None and dim is not None and dim != attention.dim:
+            problems.append(
+                f"features[{i}].embedding.dim: {dim} differs from model.attention.dim ({attention.dim}); with field "
+                "attention every field has that width, so remove the feature's dim or make them equal"
+            )
         if feature.source.startswith("true_"):
             problems.append(
                 f"features[{i}]: `{feature.source}` is a simulated ground-truth column, kept for evaluation only; "

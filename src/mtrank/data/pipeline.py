@@ -434,8 +434,13 @@ def _split_by_column(table: pa.Table, split: ColumnSplit, source: str) -> tuple[
     return np.flatnonzero(mask), np.flatnonzero(~mask)
 
 
-def prepare_data(config: RunConfig) -> PreparedData:
+def prepare_data(config: RunConfig, encoders: FeatureEncoders | None = None) -> PreparedData:
     """Read, clean, split, fit and encode the data a run config describes.
+
+    Args:
+        config: the run config.
+        encoders: encoders fitted earlier (a trained run's ``encoders.json``); when given they are
+            used as they are and not refitted.
 
     Returns:
         :class:`PreparedData` with train, validation (``None`` when ``valid_fraction`` is 0 and no
@@ -446,7 +451,8 @@ def prepare_data(config: RunConfig) -> PreparedData:
             cannot be parsed.
     """
     data = config.data
-    encoders = FeatureEncoders.from_config(config)
+    fitted = encoders is not None
+    encoders = encoders if encoders is not None else FeatureEncoders.from_config(config)
     columns = encoders.input_columns() + encoders.label_columns()
     if config.evaluation.group_column:
         columns.append(config.evaluation.group_column)
@@ -489,7 +495,8 @@ def prepare_data(config: RunConfig) -> PreparedData:
         if part.num_rows == 0:
             raise DataError(f"the {name} split of {data.path} is empty; check `data.split` ({split.method})")
 
-    encoders.fit(train_table)
+    if not fitted:
+        encoders.fit(train_table)
     logger.info(
         "data: %d train, %d validation, %d test rows; %d skipped as invalid",
         train_table.num_rows,

@@ -96,9 +96,11 @@ class MMoE(Backbone):
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         expert_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, E, H)
-        gates = torch.stack([torch.softmax(gate(x), dim=-1) for gate in self.gates], dim=1)  # (B, T, E)
-        mixed = torch.einsum("bte,beh->bth", gates, expert_out)  # (B, T, H)
-        return BackboneOutput(task_inputs=list(mixed.unbind(dim=1)), gates=gates)
+        weights = [torch.softmax(gate(x), dim=-1) for gate in self.gates]  # T x (B, E)
+        # One mixture per task: a task's input then does not depend on how many tasks there are, so
+        # adding a task (e.g. through fine-tuning) leaves the other tasks' scores bit for bit the same.
+        mixed = [torch.einsum("be,beh->bh", w, expert_out) for w in weights]  # T x (B, H)
+        return BackboneOutput(task_inputs=mixed, gates=torch.stack(weights, dim=1))  # gates: (B, T, E)
 
     def last_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
         params: list[tuple[str, nn.Parameter]] = []

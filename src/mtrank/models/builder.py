@@ -14,6 +14,7 @@ from mtrank.config.schema import (
 )
 from mtrank.data.pipeline import FeatureEncoders
 from mtrank.embeddings import build_embedding
+from mtrank.errors import ConfigError
 from mtrank.models.backbones import PLE, Backbone, MMoE, PLELevel, SharedBottom
 from mtrank.models.mlp import MLP
 from mtrank.models.ranker import FieldStack, MultiTaskRanker, tower
@@ -96,9 +97,12 @@ def build_ranker(config: RunConfig, encoders: FeatureEncoders) -> MultiTaskRanke
 
 def _embedding(feature: CategoricalFeature, vocab_size: int | None, forced_dim: int | None) -> nn.Module:
     dim = forced_dim or feature.embedding.dim or DEFAULT_EMBEDDING_DIM
-    return build_embedding(
-        feature.embedding.kind, vocab_size=vocab_size, dim=dim, options=dict(feature.embedding.options)
-    )
+    try:
+        return build_embedding(
+            feature.embedding.kind, vocab_size=vocab_size, dim=dim, options=dict(feature.embedding.options)
+        )
+    except ConfigError as exc:
+        raise ConfigError([f"feature `{feature.name}` embedding: {p}" for p in exc.problems]) from None
 
 
 def build_backbone(config: RunConfig, in_dim: int) -> Backbone:
