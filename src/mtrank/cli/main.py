@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from mtrank.cli.console import RichProgress, console, metrics_table, setup_logging, stdout
 from mtrank.errors import MtrankError
@@ -41,6 +42,13 @@ def friendly_errors(command: F) -> F:
         except FloatingPointError as exc:
             console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
             raise typer.Exit(code=2) from None
+        except ValidationError as exc:
+            # A command-line override (such as --epochs) failed the config's own validation.
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            console.print(
+                f"[bold red]error:[/] invalid option value: {problems}", markup=True, highlight=False
+            )
+            raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -57,8 +65,13 @@ def main_options(
 @friendly_errors
 def train(
     config: Path = typer.Argument(..., help="YAML run config."),
-    run_dir: Path = typer.Option(None, "--run-dir", "-o", help="Artifact directory; default runs/<config name>."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the run directory."),
+    run_dir: Path = typer.Option(
+        None, "--run-dir", "-o", help="Artifact directory; default runs/<config name>."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the latest checkpoint in the run directory."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in the run directory."),
     epochs: int = typer.Option(None, "--epochs", help="Override training.epochs."),
 ) -> None:
     """Train a ranker from a YAML config and report per-task test metrics."""
@@ -70,7 +83,7 @@ def train(
         run_config.training.epochs = epochs
     target = run_dir or Path("runs") / run_config.name
     started = time.perf_counter()
-    result = train_run(run_config, target, resume=resume, progress=RichProgress())
+    result = train_run(run_config, target, resume=resume, overwrite=overwrite, progress=RichProgress())
     stdout.print(metrics_table(f"test metrics ({run_config.name})", result.test_metrics))
     stdout.print(f"run directory: {target}  ({time.perf_counter() - started:.1f} s)")
 
@@ -79,7 +92,9 @@ def train(
 @friendly_errors
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
-    data: str = typer.Option(None, "--data", help="Labelled file to evaluate; default: the run's test split."),
+    data: str = typer.Option(
+        None, "--data", help="Labelled file to evaluate; default: the run's test split."
+    ),
     out: Path = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
     peft: str = typer.Option(
         None,
@@ -107,7 +122,10 @@ def evaluate(
     for path in report.files:
         stdout.print(f"wrote {path}")
     if out is not None:
-        out.write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
+        from mtrank.training.trainer import finite_json
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(finite_json(report.to_json()), indent=2), encoding="utf-8")
         stdout.print(f"wrote {out}")
 
 
@@ -117,7 +135,7 @@ def predict(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     data: str = typer.Option(..., "--data", help="File to score (CSV, TSV, gzip CSV or Parquet)."),
     out: Path = typer.Option(..., "--out", help="Output file: .csv or .parquet, one column per task."),
-    batch_size: int = typer.Option(8192, help="Rows scored per batch."),
+    batch_size: int = typer.Option(8192, min=1, help="Rows scored per batch."),
     peft: str = typer.Option(
         None,
         "--peft",
@@ -195,7 +213,9 @@ def simulate(
     items: int = typer.Option(5_000, help="Number of items."),
     seed: int = typer.Option(0, help="Random seed."),
     kuairand: Path = typer.Option(
-        None, "--kuairand", help="Semi-synthetic mode: folder of the KuaiRand subset; real items and likes as relevance."
+        None,
+        "--kuairand",
+        help="Semi-synthetic mode: folder of the KuaiRand subset; real items and likes as relevance.",
     ),
 ) -> None:
     """Write a click log with known ground truth (position bias by device) as Parquet."""
@@ -227,7 +247,12 @@ def datasets_list() -> None:
         table.add_column(column)
     for dataset in DATASETS.values():
         for entry in dataset.files:
-            table.add_row(dataset.name, entry.name, "yes" if is_available(dataset.name, entry.name) else "no", dataset.licence)
+            table.add_row(
+                dataset.name,
+                entry.name,
+                "yes" if is_available(dataset.name, entry.name) else "no",
+                dataset.licence,
+            )
     stdout.print(table)
 
 

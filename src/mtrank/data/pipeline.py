@@ -523,6 +523,38 @@ def _truth_columns(data: DataConfig, path: str) -> list[str]:
     return [name for name in pq.read_schema(resolved).names if name.startswith(TRUTH_PREFIX)]
 
 
+SEPARATORS = (",", "\t", ";", "|")
+
+
+def scoring_layout(data: DataConfig, path: str, columns: list[str]) -> DataConfig:
+    """Return ``data`` adjusted to the layout of a file to score, which may differ from the training file.
+
+    Parquet is recognised by its magic bytes. For text files the first line is sniffed: a separator
+    whose split contains every needed column means a header; otherwise a split with as many fields as
+    the training config's ``column_names`` means a header-less file laid out like the training file.
+    """
+    from mtrank.data.readers import first_line, is_parquet
+
+    resolved = resolve_path(path)
+    if not resolved.is_file():
+        raise DataError(f"data file not found: {resolved}; check the --data path")
+    if is_parquet(resolved):
+        return data.model_copy(update={"format": "parquet"})
+    line = first_line(resolved)
+    own = data.separator or ("\t" if data.format == "tsv" else ",")
+    candidates = list(dict.fromkeys([own, *SEPARATORS]))
+    for separator in candidates:
+        fields = [field.strip().strip('"') for field in line.split(separator)]
+        if set(columns) <= set(fields):
+            return data.model_copy(update={"format": "csv", "separator": separator, "header": True})
+    if data.column_names:
+        for separator in candidates:
+            if len(line.split(separator)) == len(data.column_names):
+                return data.model_copy(update={"format": "csv", "separator": separator, "header": False})
+    best = max(candidates, key=lambda sep: len(line.split(sep)))
+    return data.model_copy(update={"format": "csv", "separator": best, "header": True})
+
+
 def encode_for_scoring(
     encoders: FeatureEncoders, data: DataConfig, path: str, *, with_labels: bool
 ) -> tuple[EncodedData, int]:
@@ -533,9 +565,13 @@ def encode_for_scoring(
     columns = [c for c in encoders.input_columns() if encoders.position is None or c != encoders.position[0]]
     if with_labels:
         columns += encoders.label_columns()
-    if encoders.group_column:
-        columns.append(encoders.group_column)
+        if encoders.group_column:
+            columns.append(encoders.group_column)
+    else:
+        # Scoring scores every row: the training run's row filters select a scenario, not valid input.
+        data = data.model_copy(update={"filters": []})
     columns = list(dict.fromkeys(columns))
+    data = scoring_layout(data, path, columns)
     truth = _truth_columns(data, path)
     if truth and encoders.position is not None:
         # A simulated log: read the position too, for the learned-bias table (never for scoring).

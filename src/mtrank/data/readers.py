@@ -69,7 +69,7 @@ def read_table(
             f"data file not found: {path}; check `data.path` in the config or set MTRANK_DATA_DIR"
         )
     kind = detect_format(path, file_format)
-    if kind == "parquet":
+    if kind == "parquet" or (file_format == "auto" and is_parquet(path)):
         table = _read_parquet(path, columns)
     else:
         table = _read_text(path, kind, header, column_names, separator, columns)
@@ -112,7 +112,9 @@ def _read_text(
     )
     parse = pacsv.ParseOptions(delimiter=delimiter)
     try:
-        return pacsv.read_csv(path, read_options=read_options, parse_options=parse, convert_options=convert)
+        return pacsv.read_csv(
+            _source(path), read_options=read_options, parse_options=parse, convert_options=convert
+        )
     except pa.ArrowInvalid as exc:
         raise DataError(
             f"cannot parse {path}: {exc}; check `data.separator` and `data.header` (a row with a different "
@@ -120,11 +122,40 @@ def _read_text(
         ) from None
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path: Path) -> bool:
+    """Whether the file starts with the gzip magic bytes, whatever its name."""
+    with path.open("rb") as handle:
+        return handle.read(2) == GZIP_MAGIC
+
+
+def is_parquet(path: Path) -> bool:
+    """Whether the file starts with Parquet's magic bytes ``PAR1``."""
+    with path.open("rb") as handle:
+        return handle.read(4) == b"PAR1"
+
+
+def _source(path: Path) -> Path | pa.NativeFile:
+    """Return what pyarrow's CSV reader should open: the path, or a gzip stream for a gzip file without .gz."""
+    if is_gzip(path) and path.suffix.lower() != ".gz":
+        return pa.input_stream(str(path), compression="gzip")
+    return path
+
+
+def first_line(path: Path, max_bytes: int = 1 << 16) -> str:
+    """Return the first line of a text file (decompressed when gzip), for sniffing its layout."""
+    with pa.input_stream(str(path), compression="gzip" if is_gzip(path) else None) as stream:
+        head = stream.read(max_bytes)
+    return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+
+
 def _header_names(path: Path, delimiter: str) -> list[str]:
     # Malformed data rows are skipped here so that the full read, not this header read, reports them.
     try:
         reader = pacsv.open_csv(
-            path,
+            _source(path),
             read_options=pacsv.ReadOptions(block_size=1 << 20),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lambda _row: "skip"),
         )
@@ -138,9 +169,11 @@ def _check_columns(path: Path, available: Sequence[str], wanted: Sequence[str] |
         return
     missing = [c for c in wanted if c not in available]
     if missing:
+        hint = "Fix the column names in the config (`data.column_names` for header-less files)"
+        if len(available) == 1 and any(sep in available[0] for sep in (",", "\t", ";", "|")):
+            hint = "The whole header was read as one column, so the separator is wrong: set `data.separator`"
         raise DataError(
-            f"{path} has no column(s) {', '.join(missing)}; it has: {', '.join(available)}. "
-            "Fix the column names in the config (`data.column_names` for header-less files)"
+            f"{path} has no column(s) {', '.join(missing)}; it has: {', '.join(available)}. {hint}"
         )
 
 

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mtrank.data.encoders import OOV_ID, VocabularyEncoder
 from mtrank.data.pipeline import MAX_EXAMPLES, FeatureEncoders
+from mtrank.data.readers import clean_text_columns
 from mtrank.errors import DataError
 from mtrank.serving.scorer import Scorer
 from mtrank.training.evaluation import predict
@@ -186,7 +187,13 @@ def _numeric_column(values: list[Any]) -> tuple[pa.Array, np.ndarray]:
     return pa.array(texts, type=pa.string()), wrong_type
 
 
-def rows_to_table(rows: Sequence[dict[str, Any]], encoders: FeatureEncoders) -> pa.Table:
+def rows_to_table(
+    rows: Sequence[dict[str, Any]],
+    encoders: FeatureEncoders,
+    *,
+    strip: bool = True,
+    missing_values: Sequence[str] = (),
+) -> pa.Table:
     """Build one pyarrow table of the required columns from JSON rows, checking every value.
 
     Keys that are not required (the position column, labels, ids) are ignored. A null is a missing
@@ -195,6 +202,8 @@ def rows_to_table(rows: Sequence[dict[str, Any]], encoders: FeatureEncoders) -> 
     Args:
         rows: the request rows.
         encoders: the run's fitted encoders.
+        strip: strip surrounding spaces from text values, as the run's ``data.strip`` did in training.
+        missing_values: text values that mean missing, the run's ``data.missing_values``.
 
     Returns:
         A table with one column per :func:`required_columns` entry, ``len(rows)`` rows.
@@ -233,7 +242,8 @@ def rows_to_table(rows: Sequence[dict[str, Any]], encoders: FeatureEncoders) -> 
         problems += [f"row {i}, key `{key}`: {_quote(values[i])} {reason}" for i in bad[:MAX_EXAMPLES]]
         if len(bad) > MAX_EXAMPLES:
             problems.append(f"{len(bad) - MAX_EXAMPLES} more in `{key}`")
-    table = pa.table(arrays)
+    # The same text cleaning as the training files got, so a row scores as it would from a file.
+    table = clean_text_columns(pa.table(arrays), strip=strip, missing_values=missing_values)
 
     # The encoders' own checks, as on training data: numeric text that is not a number, or a
     # negative value under log1p.
@@ -352,7 +362,10 @@ class RowScorer:
             DataError: see :func:`rows_to_table`; also a value that passes those checks but that an
                 encoder cannot convert.
         """
-        table = rows_to_table(rows, self.encoders)
+        data_config = self.scorer.run.config.data
+        table = rows_to_table(
+            rows, self.encoders, strip=data_config.strip, missing_values=data_config.missing_values
+        )
         try:
             data = self.encoders.encode(table, with_labels=False, with_position=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:

@@ -56,6 +56,10 @@ class Scorer:
         if suffix not in (".csv", ".parquet"):
             raise DataError(f"--out {out}: use a .csv or .parquet file name")
         rows, predictions = self.score_path(path, batch_size=batch_size)
+        if len(rows) == 0:
+            raise DataError(
+                f"{path}: no row could be scored (all were invalid or the file is empty); see the log"
+            )
         columns = {"row": pa.array(rows)}
         for t, name in enumerate(self.task_names):
             columns[name] = pa.array(predictions[:, t])

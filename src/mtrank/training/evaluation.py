@@ -71,15 +71,28 @@ def evaluate_predictions(
 
 
 def _means(results: Metrics) -> dict[str, float]:
+    """Average each metric over the tasks where it is defined; NaN only when no task defines it.
+
+    A task whose split has a single label class reports NaN AUC (with a warning); leaving it out of
+    the mean keeps early stopping on ``mean/auc`` working for the other tasks.
+    """
     collected: dict[str, list[float]] = {}
     for values in results.values():
         for name, value in values.items():
             if not name.endswith("_skipped"):
                 collected.setdefault(name, []).append(value)
-    return {
-        name: (float(np.mean(v)) if all(math.isfinite(x) for x in v) else math.nan)
-        for name, v in collected.items()
-    }
+    means = {}
+    for name, values in collected.items():
+        finite = [x for x in values if math.isfinite(x)]
+        if len(finite) < len(values):
+            logger.warning(
+                "mean/%s averages %d of %d tasks; the others are undefined (NaN)",
+                name,
+                len(finite),
+                len(values),
+            )
+        means[name] = float(np.mean(finite)) if finite else math.nan
+    return means
 
 
 def evaluate_model(

@@ -76,6 +76,7 @@ def train_run(
     resume: bool = False,
     progress: Progress | None = None,
     stop_after: int | None = None,
+    overwrite: bool = True,
 ) -> RunResult:
     """Prepare data, build the ranker, train it, evaluate on the test split and save the artifact.
 
@@ -86,6 +87,7 @@ def train_run(
         progress: progress hook for the CLI.
         stop_after: stop after this many epochs (for interruption tests).
     """
+    check_run_dir(config, run_dir, resume=resume, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.training.num_threads:
         torch.set_num_threads(config.training.num_threads)
@@ -104,6 +106,47 @@ def train_run(
         for task, values in test_metrics.items():
             logger.info("test %s: %s", task, " ".join(f"{k}={v:.5f}" for k, v in values.items()))
     return RunResult(run_dir, model, data, fit, test_metrics)
+
+
+def check_run_dir(config: RunConfig, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Reject a run directory that would be damaged before anything is read or written.
+
+    Raises:
+        ArtifactError: ``resume`` without a checkpoint, ``resume`` with a config whose model or data
+            differ from the run's ``config.yaml``, or an existing run without ``overwrite``.
+    """
+    from mtrank.training.checkpoint import LATEST
+    from mtrank.training.trainer import CHECKPOINTS
+
+    has_checkpoint = (run_dir / CHECKPOINTS / LATEST).is_file()
+    if resume:
+        if not has_checkpoint:
+            raise ArtifactError(
+                f"no checkpoint to resume from in {run_dir / CHECKPOINTS}; start without --resume"
+            )
+        saved_file = run_dir / CONFIG_FILE
+        if saved_file.is_file():
+            try:
+                saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                raise ArtifactError(f"cannot read {saved_file}: {exc}") from None
+            current = config.model_dump(mode="json")
+            changed = [
+                key
+                for key in ("data", "features", "tasks", "model", "seed")
+                if saved.get(key) != current.get(key)
+            ]
+            if changed:
+                raise ArtifactError(
+                    f"the config differs from {saved_file} in: {', '.join(changed)}; resume needs the same config "
+                    "(only `training.epochs` may change). Train into a new run directory instead"
+                )
+        return
+    if not overwrite and ((run_dir / WEIGHTS_FILE).is_file() or has_checkpoint):
+        raise ArtifactError(
+            f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another run directory"
+        )
 
 
 def _encoders_json(encoders: FeatureEncoders) -> str:
@@ -153,13 +196,28 @@ def load_run(run_dir: Path, peft: str | Path | None = None) -> LoadedRun:
         return load_peft_run(run_dir, peft)
     for name in (CONFIG_FILE, ENCODERS_FILE, WEIGHTS_FILE):
         if not (run_dir / name).is_file():
-            raise ArtifactError(f"{run_dir} is not a finished run: {name} is missing (train it with `mtrank train`)")
-    raw = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+            raise ArtifactError(
+                f"{run_dir} is not a finished run: {name} is missing (train it with `mtrank train`)"
+            )
+    try:
+        raw = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ArtifactError(f"cannot read {run_dir / CONFIG_FILE}: {exc}") from None
     config = parse_config(raw, str(run_dir / CONFIG_FILE))
-    encoders = FeatureEncoders.load(run_dir / ENCODERS_FILE)
+    try:
+        encoders = FeatureEncoders.load(run_dir / ENCODERS_FILE)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(
+            f"cannot read {run_dir / ENCODERS_FILE}: {exc!r}; the run directory is damaged"
+        ) from None
     model = build_ranker(config, encoders)
     state = load_tensors(run_dir / WEIGHTS_FILE)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ArtifactError(
+            f"{run_dir / WEIGHTS_FILE} does not match the model built from its config: {exc}"
+        ) from None
     if missing or unexpected:
         raise ArtifactError(
             f"{run_dir / WEIGHTS_FILE} does not match the model built from its config: "

@@ -470,9 +470,16 @@ class Trainer:
             improved = True
             if stopping is not None and valid_metrics is not None:
                 value = _lookup(valid_metrics, stopping.metric)
-                improved = result.best_value is None or (
-                    value > result.best_value if stopping.mode == "max" else value < result.best_value
-                )
+                if not math.isfinite(value):
+                    logger.warning(
+                        "epoch %d: early-stopping metric %s is undefined (%s); this epoch counts as no improvement",
+                        epoch, stopping.metric, value,
+                    )
+                    improved = False
+                else:
+                    improved = result.best_value is None or (
+                        value > result.best_value if stopping.mode == "max" else value < result.best_value
+                    )
                 if improved:
                     result.best_value = value
             if improved:
@@ -510,7 +517,7 @@ class Trainer:
         if self.run_dir is None:
             return
         lines = [
-            json.dumps(_finite({"epoch": epoch, "step": index, **row}), allow_nan=False) + "\n"
+            json.dumps(finite_json({"epoch": epoch, "step": index, **row}), allow_nan=False) + "\n"
             for index, row in enumerate(self.epoch_steps.rows())
         ]
         with (self.run_dir / STEPS_FILE).open("a", encoding="utf-8") as handle:
@@ -651,7 +658,7 @@ class Trainer:
         }
         if test is not None:
             payload["test"] = test
-        atomic_write_text(self.run_dir / METRICS_FILE, json.dumps(_finite(payload), indent=2))
+        atomic_write_text(self.run_dir / METRICS_FILE, json.dumps(finite_json(payload), indent=2))
 
 
 def _lookup(metrics: Metrics, key: str) -> float:
@@ -686,14 +693,14 @@ def _record_from_json(data: dict[str, Any]) -> EpochRecord:
     )
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     """Replace NaN and infinities with ``None`` so the JSON is standard."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     if isinstance(value, np.floating):
-        return _finite(float(value))
+        return finite_json(float(value))
     return value
