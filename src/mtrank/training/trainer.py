@@ -473,7 +473,9 @@ class Trainer:
                 if not math.isfinite(value):
                     logger.warning(
                         "epoch %d: early-stopping metric %s is undefined (%s); this epoch counts as no improvement",
-                        epoch, stopping.metric, value,
+                        epoch,
+                        stopping.metric,
+                        value,
                     )
                     improved = False
                 else:
