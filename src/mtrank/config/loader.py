@@ -269,6 +269,11 @@ def check_semantics(config: RunConfig) -> list[str]:
             )
 
     bias = config.model.position_bias
+    if bias is not None and not bias.tasks and not any(t.type == "binary" for t in config.tasks):
+        problems.append(
+            "model.position_bias.tasks: no task gets the bias (the default is every binary task, and there is none); "
+            "list the tasks in `model.position_bias.tasks`"
+        )
     if bias is not None:
         for name in bias.tasks:
             if name not in task_metrics:

@@ -119,8 +119,16 @@ class MultiTaskRanker(nn.Module):
         )  # T x (B, 1) -> (B, T)
         # 4. Position bias: add the shallow tower's logit to the chosen tasks.
         bias = None
-        if self.shallow_tower is not None and batch.position is not None and batch.device is not None:
-            bias = self.shallow_tower(batch.position, batch.device)  # (B, Tb)
+        device = batch.device
+        if (
+            self.shallow_tower is not None
+            and device is None
+            and len(self.shallow_tower.device_embeddings) == 0
+        ):
+            # A shallow tower without device features needs no device column.
+            device = torch.zeros(logits.shape[0], 0, dtype=torch.int64, device=logits.device)  # (B, 0)
+        if self.shallow_tower is not None and batch.position is not None and device is not None:
+            bias = self.shallow_tower(batch.position, device)  # (B, Tb)
             logits = logits.index_add(1, self.bias_index, bias)
         return RankerOutput(logits=logits, gates=hidden.gates, bias_logits=bias)
 
