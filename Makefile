@@ -22,6 +22,7 @@ demo: install
 	$(VENV)/bin/mtrank demo
 
 test: install
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 test-fast: install
