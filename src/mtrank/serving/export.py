@@ -319,6 +319,8 @@ def write_onnx(
             dynamic_shapes=dynamic_shapes,
             dynamo=True,
             optimize=False,
+            # One self-contained file: rankers are small, and a separate .data file is easy to lose.
+            external_data=False,
             opset_version=opset,
             verbose=False,
         )
