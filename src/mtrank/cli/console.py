@@ -23,7 +23,11 @@ stdout = Console()
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
     """Send mtrank's log records to the terminal through rich."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     package_logger = logging.getLogger("mtrank")
     # The logger passes INFO on so that a run's log file is complete; the terminal handler filters.
     package_logger.setLevel(min(level, logging.INFO))

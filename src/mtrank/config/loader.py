@@ -178,7 +178,7 @@ def load_config(path: str | Path) -> RunConfig:
     """Read and validate a YAML run configuration.
 
     Raises:
-        ConfigError: the file is missing, is not YAML, or holds invalid values.
+        ConfigError: the file is missing, is not YAML, or contains invalid values.
     """
     path = Path(path)
     if not path.is_file():

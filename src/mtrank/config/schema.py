@@ -93,7 +93,7 @@ class RowFilter(Strict):
 
 
 class DataConfig(Strict):
-    """Where the logs are and how to parse them."""
+    """Location and parsing of the log files."""
 
     path: str = Field(description="file path; ${VAR} expands environment variables")
     format: Literal["auto", "csv", "tsv", "parquet"] = "auto"
@@ -121,7 +121,7 @@ class DataConfig(Strict):
 
 
 class EmbeddingConfig(Strict):
-    """How a categorical feature is embedded; ``options`` go to the embedding kind."""
+    """Embedding of a categorical feature. ``options`` go to the embedding kind's constructor."""
 
     kind: str = "table"
     dim: int | None = Field(None, ge=1, le=4096)
@@ -315,7 +315,7 @@ class TrainingConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    """What evaluation reports beyond the per-task metrics."""
+    """Evaluation settings beyond the per-task metrics."""
 
     group_column: str | None = Field(None, description="column for GAUC, e.g. the user id")
 

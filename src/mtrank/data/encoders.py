@@ -22,7 +22,7 @@ OOV_ID = 1
 FIRST_VALUE_ID = 2
 # Vocabulary key of a missing (null) categorical value; missing is a value of its own.
 MISSING_KEY = "\x00missing"
-# Position id of "position unknown"; the shallow tower sees it for dropped positions and at serving.
+# Position id of "position unknown"; the shallow tower receives it for dropped positions and at serving.
 MISSING_POSITION_ID = 0
 
 _NUMBER_PATTERN = r"^[+-]?((\d+(\.\d*)?)|(\.\d+))([eE][+-]?\d+)?$"

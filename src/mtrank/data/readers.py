@@ -126,13 +126,13 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 
 def is_gzip(path: Path) -> bool:
-    """Whether the file starts with the gzip magic bytes, whatever its name."""
+    """Return whether the file starts with the gzip magic bytes, whatever its name."""
     with path.open("rb") as handle:
         return handle.read(2) == GZIP_MAGIC
 
 
 def is_parquet(path: Path) -> bool:
-    """Whether the file starts with Parquet's magic bytes ``PAR1``."""
+    """Return whether the file starts with Parquet's magic bytes ``PAR1``."""
     with path.open("rb") as handle:
         return handle.read(4) == b"PAR1"
 

@@ -196,7 +196,7 @@ def locate(dataset: str, file: str, *, download: bool = True) -> Path:
 
     Raises:
         DatasetNotFoundError: the dataset or file is unknown, the download failed or its checksum
-            did not match; the message says where to put the file by hand.
+            did not match; the message names where to put the file by hand.
     """
     if dataset not in DATASETS:
         raise DatasetNotFoundError(
@@ -262,7 +262,7 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def is_available(dataset: str, file: str) -> bool:
-    """Whether a dataset file is on disk already (no download is tried)."""
+    """Return whether a dataset file is on disk already (no download is tried)."""
     try:
         locate(dataset, file, download=False)
     except DatasetNotFoundError:

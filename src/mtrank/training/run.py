@@ -42,7 +42,7 @@ LOG_FILE = "train.log"
 
 @dataclass
 class RunResult:
-    """What :func:`train_run` produced."""
+    """Result of :func:`train_run`."""
 
     run_dir: Path
     model: MultiTaskRanker
@@ -144,7 +144,7 @@ def check_run_dir(config: RunConfig, run_dir: Path, *, resume: bool, overwrite: 
         return
     if not overwrite and ((run_dir / WEIGHTS_FILE).is_file() or has_checkpoint):
         raise ArtifactError(
-            f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            f"{run_dir} already contains a run; pass --resume to continue it, --overwrite to replace it, "
             "or choose another run directory"
         )
 

@@ -436,7 +436,7 @@ class Trainer:
             stop_after: stop after this many epochs of this call (simulates an interruption in tests).
 
         Returns:
-            :class:`FitResult`; the model holds the best weights afterwards.
+            :class:`FitResult`; afterwards the model has the best weights.
 
         Raises:
             ArtifactError: ``resume`` is set but ``run_dir`` holds no checkpoint.
