@@ -40,6 +40,8 @@ def task_losses(logits: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]
 def to_predictions(logits: torch.Tensor, kinds: Sequence[str]) -> torch.Tensor:
     """Turn ``(B, T)`` logits into predictions: sigmoid probabilities for ``bce`` tasks, values otherwise."""
     if logits.shape[-1] != len(kinds):
-        raise ValueError(f"the model returns {logits.shape[-1]} task columns but {len(kinds)} loss kinds were given")
+        raise ValueError(
+            f"the model returns {logits.shape[-1]} task columns but {len(kinds)} loss kinds were given"
+        )
     binary = torch.tensor([kind == "bce" for kind in kinds], device=logits.device)
     return torch.where(binary, torch.sigmoid(logits), logits)
