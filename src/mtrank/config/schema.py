@@ -105,6 +105,11 @@ class DataConfig(Strict):
     on_invalid: Literal["skip", "error"] = Field(
         "skip", description="rows with unparsable values: skip (counted and logged) or raise"
     )
+    missing_labels: Literal["skip_row", "mask"] = Field(
+        "skip_row",
+        description="a row missing one task's label: skip the row (counted and logged), or keep it and "
+        "leave it out of that task's loss and metrics only",
+    )
     join: JoinConfig | None = None
     filters: list[RowFilter] = Field(default_factory=list, description="row filters applied before splitting")
     split: SplitConfig = Field(default_factory=RandomSplit)

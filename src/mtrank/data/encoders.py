@@ -37,6 +37,8 @@ class Encoded:
     invalid: np.ndarray
     # A human-readable reason for invalid rows, e.g. "not a number".
     reason: str = ""
+    # Rows whose value is missing but allowed (a masked task label); ``None`` when not tracked.
+    missing: np.ndarray | None = None
 
 
 def _as_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -250,7 +252,8 @@ class LabelEncoder(Encoder):
 
     Binary rules: ``equals`` (1 where the value equals it), ``greater_than``, or a column already 0/1
     (any other value is invalid). Regression: a number, optionally through ``log1p``. A missing label
-    is invalid: the row cannot be trained or scored against.
+    is invalid (the row is skipped) unless ``mask_missing`` is set: then the row stays, and the
+    returned ``missing`` mask keeps it out of this task's loss and metrics only.
     """
 
     kind: ClassVar[str] = "label"
@@ -258,8 +261,17 @@ class LabelEncoder(Encoder):
     equals: str | None = None
     greater_than: float | None = None
     transform_name: Literal["none", "log1p"] = "none"
+    mask_missing: bool = False
 
     def transform(self, column: pa.ChunkedArray | pa.Array) -> Encoded:
+        result = self._transform(column)
+        missing = np.asarray(_as_array(column).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        if self.mask_missing:
+            result.invalid = result.invalid & ~missing
+            result.missing = missing
+        return result
+
+    def _transform(self, column: pa.ChunkedArray | pa.Array) -> Encoded:
         array = _as_array(column)
         if self.equals is not None:
             text = _as_text(array)
@@ -294,6 +306,7 @@ class LabelEncoder(Encoder):
             "equals": self.equals,
             "greater_than": self.greater_than,
             "transform": self.transform_name,
+            "mask_missing": self.mask_missing,
         }
 
     @classmethod
@@ -303,6 +316,7 @@ class LabelEncoder(Encoder):
             equals=data["equals"],
             greater_than=data["greater_than"],
             transform_name=data["transform"],
+            mask_missing=bool(data.get("mask_missing", False)),
         )
 
 

@@ -93,6 +93,7 @@ class FeatureEncoders:
                     equals=None if rule.equals is None else str(rule.equals),
                     greater_than=rule.greater_than,
                     transform_name=rule.transform,
+                    mask_missing=config.data.missing_labels == "mask",
                 ),
             )
         bias = config.model.position_bias
@@ -155,12 +156,18 @@ class FeatureEncoders:
         numeric = np.zeros((num_rows, len(self.numeric)), dtype=np.float32)
         for j, (source, encoder) in enumerate(self.numeric.values()):
             numeric[:, j] = encoder.transform(table[source]).values
-        labels = None
+        labels = label_mask = None
         if with_labels:
             label_array = np.zeros((num_rows, len(self.labels)), dtype=np.float32)
+            mask_array = np.ones((num_rows, len(self.labels)), dtype=np.float32)
             for j, (source, encoder) in enumerate(self.labels.values()):
-                label_array[:, j] = encoder.transform(table[source]).values
+                result = encoder.transform(table[source])
+                label_array[:, j] = result.values
+                if result.missing is not None:
+                    mask_array[:, j] = ~result.missing
             labels = torch.from_numpy(label_array)
+            if (mask_array < 1).any():
+                label_mask = torch.from_numpy(mask_array)
         position = device = None
         extras: dict[str, np.ndarray] = {}
         if self.position is not None:
@@ -183,6 +190,7 @@ class FeatureEncoders:
             labels=labels,
             position=position,
             device=device,
+            label_mask=label_mask,
         )
         row_ids = (
             np.asarray(table[ROW_COLUMN].to_numpy(), dtype=np.int64)

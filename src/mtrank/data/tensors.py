@@ -21,6 +21,8 @@ class Batch:
         labels: ``(B, T)`` float32, or ``None`` when scoring unlabelled rows.
         position: ``(B,)`` int64 position ids for the shallow tower, or ``None``.
         device: ``(B, Fd)`` int64 device ids for the shallow tower, or ``None``.
+        label_mask: ``(B, T)`` float32, 1 where the task's label is present, or ``None`` when every
+            label is present.
     """
 
     categorical: torch.Tensor
@@ -28,6 +30,7 @@ class Batch:
     labels: torch.Tensor | None = None
     position: torch.Tensor | None = None
     device: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.categorical.shape[0])

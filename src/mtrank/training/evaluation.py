@@ -55,15 +55,18 @@ def evaluate_predictions(
     if data.batch.labels is None:
         raise ValueError("evaluation needs labels; encode the split with labels")
     labels = data.batch.labels.double().numpy()
+    mask = data.batch.label_mask.numpy() > 0 if data.batch.label_mask is not None else None
     results: Metrics = {}
     for t, task in enumerate(tasks):
         names = task.metrics if task.metrics is not None else default_metrics(task.type, group_column)
+        # Only rows that carry this task's label count for it.
+        rows = mask[:, t] if mask is not None else slice(None)
         results[task.name] = compute_task_metrics(
             task.type,
             names,
-            labels[:, t],
-            predictions[:, t],
-            data.groups,
+            labels[rows, t],
+            predictions[rows, t],
+            data.groups[rows] if data.groups is not None else None,
             task_name=f"{task.name} ({split})" if split else task.name,
         )
     results["mean"] = _means(results)

@@ -14,13 +14,29 @@ LOSSES = {
 }
 
 
-def task_loss_list(logits: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]) -> list[torch.Tensor]:
+def task_loss_list(
+    logits: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str], mask: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """Return each task's mean loss as a separate scalar.
 
     GradNorm differentiates each task's loss on its own; separate scalars keep each gradient to the
     task's own tower instead of running every tower backward once per task.
+
+    Args:
+        logits: ``(B, T)``.
+        labels: ``(B, T)``.
+        kinds: T loss names.
+        mask: optional ``(B, T)`` with 1 where a label is present; a task's loss averages over its
+            present labels only, and is 0 (with no gradient) in a batch that has none.
     """
-    return [LOSSES[kind](logits[:, t], labels[:, t]) for t, kind in enumerate(kinds)]
+    if mask is None:
+        return [LOSSES[kind](logits[:, t], labels[:, t]) for t, kind in enumerate(kinds)]
+    losses = []
+    for t, kind in enumerate(kinds):
+        per_row = LOSSES[kind](logits[:, t], labels[:, t], reduction="none")  # (B,)
+        weight = mask[:, t]
+        losses.append((per_row * weight).sum() / weight.sum().clamp(min=1.0))
+    return losses
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]) -> torch.Tensor:

@@ -371,7 +371,9 @@ class Trainer:
                 self.progress.advance()
                 continue
             output = self.model(batch)
-            loss_list = task_loss_list(output.logits, batch.labels, self.loss_kinds)  # T scalars
+            loss_list = task_loss_list(
+                output.logits, batch.labels, self.loss_kinds, batch.label_mask
+            )  # T scalars
             losses = torch.stack([loss.detach() for loss in loss_list])  # (T,)
             self.optimizer.zero_grad(set_to_none=True)
             self.balancer.zero_grad(set_to_none=True)
