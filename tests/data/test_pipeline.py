@@ -119,7 +119,7 @@ def test_empty_train_split_rejected(write_log, config_dict) -> None:
     split = {"method": "column", "column": "date", "train_max": "2000-01-01"}
 
     with pytest.raises(
-        DataError, match=r"the train split of .*log\.csv is empty; check `data\.split` \(column\)"
+        DataError, match=r"the train split of .*log\.csv is empty; check `data\.filters` and `data\.split` \(column\)"
     ):
         prepare_data(parse_config(config_dict(write_log(), split=split)))
 

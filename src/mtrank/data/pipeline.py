@@ -458,12 +458,29 @@ def prepare_data(config: RunConfig, encoders: FeatureEncoders | None = None) -> 
         DataError: a file or column is missing, a split is empty, or (with ``on_invalid: error``) a row
             cannot be parsed.
     """
-    data = config.data
     fitted = encoders is not None
     encoders = encoders if encoders is not None else FeatureEncoders.from_config(config)
+    return split_and_encode(config.data, encoders, fit=not fitted)
+
+
+def split_and_encode(data: DataConfig, encoders: FeatureEncoders, *, fit: bool) -> PreparedData:
+    """Read the files ``data`` names, drop invalid rows, split, optionally fit ``encoders``, and encode.
+
+    Args:
+        data: where the data is and how to split it.
+        encoders: the encoders; they also name the columns to read (features, labels, group column).
+        fit: fit the encoders on the training rows; ``False`` uses them as they are (evaluation of a
+            trained run, fine-tuning on a base run's vocabularies).
+
+    Returns:
+        :class:`PreparedData` with the encoders passed in.
+
+    Raises:
+        DataError: see :func:`prepare_data`.
+    """
     columns = encoders.input_columns() + encoders.label_columns()
-    if config.evaluation.group_column:
-        columns.append(config.evaluation.group_column)
+    if encoders.group_column:
+        columns.append(encoders.group_column)
     split = data.split
     if isinstance(split, ColumnSplit):
         columns.append(split.column)
@@ -501,9 +518,11 @@ def prepare_data(config: RunConfig, encoders: FeatureEncoders | None = None) -> 
 
     for name, part in (("train", train_table), ("test", test_table)):
         if part.num_rows == 0:
-            raise DataError(f"the {name} split of {data.path} is empty; check `data.split` ({split.method})")
+            raise DataError(
+                f"the {name} split of {data.path} is empty; check `data.filters` and `data.split` ({split.method})"
+            )
 
-    if not fitted:
+    if fit:
         encoders.fit(train_table)
     logger.info(
         "data: %d train, %d validation, %d test rows; %d skipped as invalid",

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -49,24 +48,14 @@ from torch import nn
 from mtrank.balancing import BALANCERS
 from mtrank.config.loader import check_semantics, expand_env
 from mtrank.config.schema import (
-    ColumnSplit,
     DataConfig,
-    FilesSplit,
     RunConfig,
     Strict,
     TaskConfig,
     TrainingConfig,
 )
 from mtrank.data.encoders import LabelEncoder
-from mtrank.data.pipeline import (
-    FeatureEncoders,
-    PreparedData,
-    _hold_out,
-    _split_by_column,
-    _split_random,
-    drop_invalid,
-    read_source,
-)
+from mtrank.data.pipeline import FeatureEncoders, PreparedData, split_and_encode
 from mtrank.data.tensors import Batch
 from mtrank.errors import ArtifactError, ConfigError, DataError
 from mtrank.models.builder import build_ranker
@@ -369,65 +358,7 @@ def prepare_finetune_data(encoders: FeatureEncoders, data: DataConfig) -> Prepar
     Raises:
         DataError: a file or column is missing, or a split is empty.
     """
-    split = data.split
-    columns = encoders.input_columns() + encoders.label_columns()
-    if encoders.group_column:
-        columns.append(encoders.group_column)
-    if isinstance(split, ColumnSplit):
-        columns.append(split.column)
-    columns = list(dict.fromkeys(columns))
-
-    # NOTE: the branches below mirror mtrank.data.pipeline.prepare_data, so that the same data config
-    # selects the same rows. TODO: call prepare_data once it accepts already-fitted encoders.
-    table, skipped = _read_clean(data, data.path, columns, encoders)
-    valid_table: pa.Table | None = None
-    if isinstance(split, FilesSplit):
-        train_table = table
-        test_table, skipped_test = _read_clean(data, split.test_path, columns, encoders)
-        skipped += skipped_test
-        if split.valid_path:
-            valid_table, skipped_valid = _read_clean(data, split.valid_path, columns, encoders)
-            skipped += skipped_valid
-        else:
-            keep, held = _hold_out(np.arange(train_table.num_rows), split.valid_fraction, split.seed)
-            valid_table = train_table.take(held) if len(held) else None
-            train_table = train_table.take(keep)
-    else:
-        if isinstance(split, ColumnSplit):
-            train_index, test_index = _split_by_column(table, split, data.path)
-        else:
-            train_index, test_index = _split_random(table.num_rows, split.test_fraction, split.seed)
-        train_index, valid_index = _hold_out(train_index, split.valid_fraction, split.seed)
-        train_table = table.take(train_index)
-        test_table = table.take(test_index)
-        valid_table = table.take(valid_index) if len(valid_index) else None
-    for name, part in (("train", train_table), ("test", test_table)):
-        if part.num_rows == 0:
-            raise DataError(
-                f"the {name} split of the fine-tune data {data.path} is empty; check `data.filters` and "
-                f"`data.split` ({split.method})"
-            )
-    logger.info(
-        "fine-tune data: %d train, %d validation, %d test rows; %d skipped as invalid",
-        train_table.num_rows,
-        valid_table.num_rows if valid_table is not None else 0,
-        test_table.num_rows,
-        skipped,
-    )
-    return PreparedData(
-        train=encoders.encode(train_table),
-        valid=encoders.encode(valid_table) if valid_table is not None else None,
-        test=encoders.encode(test_table),
-        encoders=encoders,
-        skipped_rows=skipped,
-    )
-
-
-def _read_clean(
-    data: DataConfig, path: str, columns: list[str], encoders: FeatureEncoders
-) -> tuple[pa.Table, int]:
-    table = read_source(data, path, columns)
-    return drop_invalid(table, encoders, source=path, on_invalid=data.on_invalid)
+    return split_and_encode(data, encoders, fit=False)
 
 
 # ----------------------------------------------------------------------------------------------------
