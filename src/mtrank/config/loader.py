@@ -67,14 +67,18 @@ def _is_tag(name: int | str) -> bool:
     return name in {"random", "column", "files", "shared_bottom", "mmoe", "ple", "categorical", "numeric"}
 
 
-def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[int | str, ...], root: type[BaseModel]) -> type[BaseModel] | None:
     """Return the config model class that owns the key at ``loc``, to list its allowed keys."""
-    current: Any = RunConfig
+    current: Any = root
+    skip_key = False
     for element in loc[:-1]:
         if isinstance(element, int):
             continue
+        if skip_key:  # a key of a mapping whose values are models
+            skip_key = False
+            continue
         if isinstance(current, type) and issubclass(current, BaseModel) and element in current.model_fields:
-            current = _unwrap(current.model_fields[element].annotation)
+            current, skip_key = _unwrap(current.model_fields[element].annotation)
         elif isinstance(current, tuple):
             matches = [m for m in current if _tag_of(m) == element]
             if not matches:
@@ -85,21 +89,22 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def _unwrap(annotation: Any) -> Any:
-    """Strip Optional/list/Annotated wrappers; return a model class or a tuple of union members."""
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """Return the model class (or tuple of union members) inside an annotation, and whether it is a mapping."""
     origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
+    if origin is typing.Annotated or origin is list:
         return _unwrap(typing.get_args(annotation)[0])
-    if origin is list:
-        return _unwrap(typing.get_args(annotation)[0])
+    if origin is dict:
+        inner, _ = _unwrap(typing.get_args(annotation)[1])
+        return inner, True
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if args and origin is not None and origin is not dict:
+    if args and origin is not None:
         models = tuple(a for a in args if isinstance(a, type) and issubclass(a, BaseModel))
         if len(models) == 1:
-            return models[0]
+            return models[0], False
         if models:
-            return models
-    return annotation
+            return models, False
+    return annotation, False
 
 
 def _tag_of(model: type[BaseModel]) -> str | None:
@@ -112,12 +117,14 @@ def _tag_of(model: type[BaseModel]) -> str | None:
     return None
 
 
-def _describe(error: Any) -> str:
+def describe_error(error: Any, root: type[BaseModel] = RunConfig) -> str:
+    """Turn one pydantic error of a ``root`` config into ``key.path: what is wrong (got value)``."""
     loc = tuple(error["loc"])
     path = _format_location(loc)
     if error["type"] == "extra_forbidden":
-        owner = _model_at(loc)
-        allowed = f"; allowed keys: {', '.join(owner.model_fields)}" if owner else ""
+        owner = _model_at(loc, root)
+        keys = [field.alias or name for name, field in owner.model_fields.items()] if owner else []
+        allowed = f"; allowed keys: {', '.join(keys)}" if keys else ""
         return f"{path}: unknown key{allowed}"
     if error["type"] == "missing":
         return f"{path}: required key is missing"
@@ -138,13 +145,14 @@ def _tag_choices(key: str) -> list[str]:
     return [tag for member in members if (tag := _tag_of(member)) is not None]
 
 
-def _expand_tree(value: Any) -> Any:
+def expand_tree(value: Any) -> Any:
+    """Expand ``${VAR}`` in every string of a YAML tree."""
     if isinstance(value, str):
         return expand_env(value)
     if isinstance(value, list):
-        return [_expand_tree(v) for v in value]
+        return [expand_tree(v) for v in value]
     if isinstance(value, dict):
-        return {k: _expand_tree(v) for k, v in value.items()}
+        return {k: expand_tree(v) for k, v in value.items()}
     return value
 
 
@@ -163,11 +171,11 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
     """
     if not isinstance(raw, dict):
         raise ConfigError([f"<root>: expected a mapping, got {type(raw).__name__}"], source)
-    expanded = _expand_tree(raw)
+    expanded = expand_tree(raw)
     try:
         config = RunConfig.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError([_describe(e) for e in exc.errors()], source) from None
+        raise ConfigError([describe_error(e) for e in exc.errors()], source) from None
     problems = check_semantics(config)
     if problems:
         raise ConfigError(problems, source)

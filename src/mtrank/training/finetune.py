@@ -34,7 +34,6 @@ import math
 import os
 import re
 import time
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 from torch import nn
 
 from mtrank.balancing import BALANCERS
-from mtrank.config.loader import check_semantics, expand_env
+from mtrank.config.loader import check_semantics, describe_error, expand_tree
 from mtrank.config.schema import (
     DataConfig,
     RunConfig,
@@ -84,7 +83,6 @@ LOG_FILE = "train.log"
 FORMAT_NAME = "mtrank-finetune"
 FORMAT_VERSION = 1
 BASE_REFERENCE_PREFIX = "sha256:"
-_SPLIT_TAGS = ("random", "column", "files")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,9 +131,9 @@ def parse_finetune_config(raw: Any, source: str | None = None) -> FinetuneConfig
     if not isinstance(raw, dict):
         raise ConfigError([f"<root>: expected a mapping, got {type(raw).__name__}"], source)
     try:
-        return FinetuneConfig.model_validate(_expand_tree(raw))
+        return FinetuneConfig.model_validate(expand_tree(raw))
     except ValidationError as error:
-        raise ConfigError([_describe(item) for item in error.errors()], source) from None
+        raise ConfigError([describe_error(item, FinetuneConfig) for item in error.errors()], source) from None
 
 
 def load_finetune_config(path: str | Path) -> FinetuneConfig:
@@ -238,90 +236,6 @@ def _relocate_task_problems(problems: list[str], locations: list[str]) -> list[s
         else:
             relocated.append(locations[int(match.group(1))] + problem[match.end() :])
     return relocated
-
-
-def _expand_tree(value: Any) -> Any:
-    if isinstance(value, str):
-        return expand_env(value)
-    if isinstance(value, list):
-        return [_expand_tree(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _expand_tree(item) for key, item in value.items()}
-    return value
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    """Turn one pydantic error into ``key.path: what is wrong``."""
-    loc = tuple(error["loc"])
-    path = _format_location(loc)
-    if error["type"] == "extra_forbidden":
-        owner = _owner_model(loc)
-        allowed = ""
-        if owner is not None:
-            keys = [field.alias or name for name, field in owner.model_fields.items()]
-            allowed = f"; allowed keys: {', '.join(keys)}"
-        return f"{path}: unknown key{allowed}"
-    if error["type"] == "missing":
-        return f"{path}: required key is missing"
-    value = error.get("input")
-    shown = "a mapping" if isinstance(value, dict) else repr(value)
-    return f"{path}: {error['msg']} (got {shown})"
-
-
-def _format_location(loc: tuple[int | str, ...]) -> str:
-    parts: list[str] = []
-    for index, element in enumerate(loc):
-        if isinstance(element, int):
-            parts.append(f"[{element}]")
-        elif index > 0 and loc[index - 1] == "split" and element in _SPLIT_TAGS:
-            continue  # pydantic puts the union tag of `data.split` into the location
-        else:
-            parts.append(("." if parts else "") + element)
-    return "".join(parts) or "<root>"
-
-
-def _owner_model(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """Return the config class that owns the last key of ``loc``, to list its allowed keys."""
-    current: Any = FinetuneConfig
-    skip_key = False
-    for element in loc[:-1]:
-        if isinstance(element, int):
-            continue
-        if skip_key:  # a key of a dict whose values are models
-            skip_key = False
-            continue
-        if isinstance(current, tuple):  # a tagged union: the element is the tag
-            current = next((model for model in current if element in _tags(model)), None)
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(element)
-        if field is None:
-            return None
-        current, skip_key = _unwrap(field.annotation)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """Return the model class (or tuple of union members) inside an annotation, and whether it is a dict."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated or origin is list:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin is dict:
-        inner, _ = _unwrap(typing.get_args(annotation)[1])
-        return inner, True
-    members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-    models = tuple(arg for arg in members if isinstance(arg, type) and issubclass(arg, BaseModel))
-    if len(models) == 1:
-        return models[0], False
-    if models:
-        return models, False
-    return annotation, False
-
-
-def _tags(model: type[BaseModel]) -> tuple[Any, ...]:
-    field = model.model_fields.get("method")
-    return typing.get_args(field.annotation) if field is not None else ()
 
 
 # ----------------------------------------------------------------------------------------------------
