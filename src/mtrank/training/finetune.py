@@ -30,15 +30,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import os
 import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from pydantic import Field, ValidationError
@@ -70,10 +67,11 @@ from mtrank.peft import (
 )
 from mtrank.peft.base import build_peft_method
 from mtrank.peft.inject import SET_NAME_PATTERN
+from mtrank.training.checkpoint import atomic_write_text
 from mtrank.training.evaluation import Metrics, evaluate_predictions, predict
 from mtrank.training.progress import Progress
 from mtrank.training.run import LoadedRun, load_run, log_to_file
-from mtrank.training.trainer import METRICS_FILE, WEIGHTS_FILE, FitResult, Trainer
+from mtrank.training.trainer import METRICS_FILE, WEIGHTS_FILE, FitResult, Trainer, finite_json
 
 logger = logging.getLogger(__name__)
 
@@ -646,7 +644,7 @@ def _finetune_in(
         "base_reference": reference,
         "config": config.model_dump(mode="json", by_alias=True),
     }
-    _write_text(set_dir / FINETUNE_FILE, yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    atomic_write_text(set_dir / FINETUNE_FILE, yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
     metrics = {
         "set_name": set_name,
         "method": method,
@@ -661,7 +659,7 @@ def _finetune_in(
         "epochs": [dataclasses.asdict(epoch) for epoch in fit.history],
         "test": test_metrics,
     }
-    _write_text(set_dir / METRICS_FILE, json.dumps(_finite(metrics), indent=2))
+    atomic_write_text(set_dir / METRICS_FILE, json.dumps(finite_json(metrics), indent=2))
     return FinetuneResult(
         set_name=set_name,
         set_dir=set_dir,
@@ -675,23 +673,6 @@ def _finetune_in(
         data=data,
         new_modules=extended.new_modules,
     )
-
-
-def _finite(value: Any) -> Any:
-    """Replace NaN and infinities with ``None`` so the JSON is standard."""
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------------------------------
