@@ -142,7 +142,7 @@ class VocabularyEncoder(Encoder):
 class RawIdEncoder(Encoder):
     """Pass categorical values through as int64 for embeddings that hash ids themselves.
 
-    Integer values (typed, or text that is all digits) keep their exact int64 value; any other text is
+    Integer values (typed, or text that is all digits) keep their exact int64 value. Any other text is
     turned into int64 by :func:`mtrank.data.stable_hash.stable_hash_strings`, which gives the same
     value in every process. No vocabulary is stored, so unseen ids keep their own identity.
     """

@@ -556,9 +556,9 @@ SEPARATORS = (",", "\t", ";", "|")
 def scoring_layout(data: DataConfig, path: str, columns: list[str]) -> DataConfig:
     """Return ``data`` adjusted to the layout of a file to score, which may differ from the training file.
 
-    Parquet is recognised by its magic bytes. For text files the first line is sniffed: a separator
-    whose split contains every needed column means a header; otherwise a split with as many fields as
-    the training config's ``column_names`` means a header-less file laid out like the training file.
+    Parquet is recognised by its magic bytes. For text files the first line is sniffed. A separator
+    whose split contains every needed column means a header. Otherwise, a split with as many fields
+    as the training config's ``column_names`` means a header-less file laid out like the training file.
     """
     from mtrank.data.readers import first_line, is_parquet
 

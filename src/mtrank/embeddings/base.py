@@ -18,7 +18,7 @@ class FeatureEmbedding(nn.Module):
     Shapes: B batch, D ``embedding_dim``.
 
     Subclasses take int64 ids of shape ``(B,)`` and return ``(B, D)`` floats. ``needs_vocabulary``
-    tells the data pipeline whether ids are vocabulary indices (a table) or raw int64 values that the
+    informs the data pipeline whether ids are vocabulary indices (a table) or raw int64 values that the
     module hashes itself (hashing trick, Deep Hash Embedding).
     """
 

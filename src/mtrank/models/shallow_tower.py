@@ -1,6 +1,6 @@
 """Position-bias shallow tower (Zhao et al., RecSys 2019, "Recommending What Video to Watch Next").
 
-The shallow tower sees only the display position and the device features. Its logit is added to
+The shallow tower reads only the display position and the device features. Its logit is added to
 the main tower's logit of the chosen tasks while training, so the main towers learn relevance with
 the position effect explained away. While training, a share ``drop_rate`` of positions is replaced
 by the missing id so the model cannot lean on position alone; in eval mode every position is

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 class Scorer:
     """Score rows with a trained ranker; one named output per task.
 
-    Position is never read: at serving time the shallow tower sees the missing position and the
+    Position is never read: at serving time the shallow tower receives the missing position and the
     device, as the ranker does in eval mode.
     """
 

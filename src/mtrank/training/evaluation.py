@@ -74,9 +74,9 @@ def evaluate_predictions(
 
 
 def _means(results: Metrics) -> dict[str, float]:
-    """Average each metric over the tasks where it is defined; NaN only when no task defines it.
+    """Average each metric over the tasks where it is defined, giving NaN only when no task defines it.
 
-    A task whose split has a single label class reports NaN AUC (with a warning); leaving it out of
+    A task whose split has a single label class reports NaN AUC with a warning. Leaving it out of
     the mean keeps early stopping on ``mean/auc`` working for the other tasks.
     """
     collected: dict[str, list[float]] = {}

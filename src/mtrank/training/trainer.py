@@ -223,7 +223,7 @@ def select_parameters_by_prefix(model: nn.Module, prefixes: object) -> list[tupl
 
 @dataclass
 class EpochRecord:
-    """What one epoch produced, as stored in ``metrics.json``.
+    """Record of one epoch, as stored in ``metrics.json``.
 
     ``seconds`` is the wall time of the epoch's training without validation, and ``cpu_seconds``
     the CPU time the process spent in it, summed over its threads. On a machine shared with other
@@ -441,7 +441,7 @@ class Trainer:
             :class:`FitResult`; afterwards the model has the best weights.
 
         Raises:
-            ArtifactError: ``resume`` is set but ``run_dir`` holds no checkpoint.
+            ArtifactError: ``resume`` is set but ``run_dir`` contains no checkpoint.
             FloatingPointError: the balanced loss of a step is not finite.
         """
         training = self.config.training

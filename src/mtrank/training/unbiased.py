@@ -1,6 +1,6 @@
 """Evaluation of a trained run, with unbiased metrics when the log carries simulated ground truth.
 
-A simulated log (``mtrank simulate``) holds ``true_relevance`` and ``true_examination`` columns.
+A simulated log (``mtrank simulate``) contains ``true_relevance`` and ``true_examination`` columns.
 When they are present, evaluation also reports how well each binary task's score ranks items by
 true relevance within each request (NDCG@k and pairwise AUC), and compares the learned
 shallow-tower bias per (position, device) with the true examination, as a table, a Spearman
@@ -148,7 +148,7 @@ def learned_bias_by_position(run: LoadedRun, data: EncodedData) -> list[dict[str
     """Return the shallow tower's bias logit per (device, position) seen in ``data``, relative to the first.
 
     The bias is read from the tower directly, so the positions are those of the log even though
-    the served score never sees them. A bias logit is defined only up to a per-device constant that
+    the served score never uses them. A bias logit is defined only up to a per-device constant that
     the main tower can absorb, so each device's values are reported minus the value at its first
     position. Only the first biased task is read.
 
