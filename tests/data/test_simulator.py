@@ -524,3 +524,87 @@ def test_kuairand_write(tmp_path: Path, kuairand_rows: list[dict[str, str]]) -> 
     metadata = json.loads(pq.read_schema(path).metadata[METADATA_KEY])
     assert metadata["mode"] == "semi_synthetic_kuairand"
     assert pq.read_metadata(path).num_rows == semi_synthetic_kuairand(KUAIRAND_DIR, config).num_rows
+
+
+# --- persistent logging error per item -----------------------------------------------------------------
+
+# Relevance that ignores the item (no latent, affinity or quality terms), so an item's position can
+# only depend on the logging policy's own noise.
+FLAT_RELEVANCE = {"latent_scale": 0.0, "affinity_scale": 0.0, "quality_weight": 0.0}
+
+
+def _split_half_position_correlation(table: pa.Table, num_items: int) -> float:
+    """Correlate each item's mean position in the first half of the requests with the second half."""
+    items = table.column("item_id").to_numpy()
+    positions = table.column("position").to_numpy().astype(np.float64)
+    half = items.size // 2
+    means = []
+    for part in (slice(0, half), slice(half, None)):
+        sums = np.bincount(items[part], weights=positions[part], minlength=num_items)
+        counts = np.bincount(items[part], minlength=num_items)
+        means.append(sums / np.maximum(counts, 1))
+    return float(np.corrcoef(means[0], means[1])[0, 1])
+
+
+def test_item_error_makes_positions_persistent_per_item() -> None:
+    config = SimulationConfig(
+        num_items=200, num_requests=4_000, logging_item_error=2.0, seed=5, **FLAT_RELEVANCE
+    )
+    # With errors of std 2 against fresh noise of std 1, an item's rank is mostly its error.
+    assert _split_half_position_correlation(simulate_click_log(config), 200) > 0.8
+
+
+def test_without_item_error_positions_do_not_persist_per_item() -> None:
+    config = SimulationConfig(num_items=200, num_requests=4_000, seed=5, **FLAT_RELEVANCE)
+    # Fresh noise only: each item's mean position is an average of random ranks in both halves.
+    assert abs(_split_half_position_correlation(simulate_click_log(config), 200)) < 0.2
+
+
+def test_zero_item_error_keeps_the_log_unchanged() -> None:
+    explicit = simulate_click_log(dataclasses.replace(SMALL, logging_item_error=0.0))
+    assert explicit.equals(simulate_click_log(SMALL))
+
+
+def test_item_error_keeps_relevance_and_devices() -> None:
+    # A fixed relevance bias: a click-rate target would solve a new bias for the new order.
+    fixed = dataclasses.replace(SMALL, target_click_rate=None, relevance_bias=-2.0)
+    plain = simulate_click_log(fixed)
+    relogged = simulate_click_log(dataclasses.replace(fixed, logging_item_error=1.0))
+    # Only the order inside each list changes: the same items, devices and relevance per request.
+    key = ["request_id", "item_id"]
+    left = plain.select([*key, "true_relevance", "device"]).sort_by([(name, "ascending") for name in key])
+    right = relogged.select([*key, "true_relevance", "device"]).sort_by([(name, "ascending") for name in key])
+    assert left.equals(right)
+
+
+def test_item_error_rejected_with_random_policy() -> None:
+    with pytest.raises(
+        ConfigError, match="`logging_item_error` \\(1.0\\) applies only to the noisy_relevance"
+    ):
+        SimulationConfig(logging_policy="random", logging_item_error=1.0)
+
+
+def test_negative_item_error_rejected() -> None:
+    with pytest.raises(ConfigError, match="`logging_item_error` must be a finite number"):
+        SimulationConfig(logging_item_error=-0.5)
+
+
+def test_kuairand_item_error_follows_the_video(tmp_path: Path) -> None:
+    # Every impression of one user is a like, so the order within a list is the logging noise alone.
+    # Forty users watch the same ten videos; with a large error per video, each video holds nearly
+    # the same position in every list.
+    folder = tmp_path / "kuairand"
+    folder.mkdir()
+    with open(folder / "processed_standard_kcore_15.csv", "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(LOG_HEADER)
+        for user in range(40):
+            for video in range(10):
+                writer.writerow([user, video, 20220410, 1700, 1_649_000_000_000 + video, 1, 1, 5000, 9000, 1])
+    config = SimulationConfig(list_size=10, logging_item_error=5.0, seed=2)
+    table = semi_synthetic_kuairand(folder, config, join_user_features=False)
+    videos = table.column("item_id").to_numpy()
+    positions = table.column("position").to_numpy()
+    spread = [np.std(positions[videos == video]) for video in range(10)]
+    # Fresh noise alone would give a standard deviation near 2.9 (a uniform rank over 1..10).
+    assert max(spread) < 1.5

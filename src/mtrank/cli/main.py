@@ -203,15 +203,36 @@ def demo(
     )
 
 
+# Defaults of `mtrank simulate` that differ from SimulationConfig's: 2,000 users keep about 100
+# impressions per user at 20,000 requests, so user embeddings can learn something in a short run.
+SIMULATE_DEFAULT_USERS = 2_000
+
+
 @app.command()
 @friendly_errors
 def simulate(
     out: Path = typer.Option(..., "--out", help="Parquet file to write."),
-    requests: int = typer.Option(20_000, help="Number of requests (lists)."),
-    list_size: int = typer.Option(10, help="Items per list (positions 1..K)."),
-    users: int = typer.Option(2_000, help="Number of users."),
-    items: int = typer.Option(5_000, help="Number of items."),
-    seed: int = typer.Option(0, help="Random seed."),
+    config_file: Path = typer.Option(
+        None,
+        "--config",
+        help="YAML mapping of simulator settings (any SimulationConfig field, devices included); "
+        "options given on the command line override it.",
+    ),
+    requests: int = typer.Option(None, help="Number of requests (lists). Default 20000."),
+    list_size: int = typer.Option(None, help="Items per list (positions 1..K). Default 10."),
+    users: int = typer.Option(None, help=f"Number of users. Default {SIMULATE_DEFAULT_USERS}."),
+    items: int = typer.Option(None, help="Number of items. Default 5000."),
+    logging_policy: str = typer.Option(
+        None, help="noisy_relevance (default) or random (a uniformly shuffled, unbiased log)."
+    ),
+    logging_noise: float = typer.Option(
+        None, help="Std of the logging policy's noise, fresh per impression. Default 1.0."
+    ),
+    logging_item_error: float = typer.Option(
+        None,
+        help="Std of the logging policy's persistent error per item (a previous ranker's mistakes). Default 0.",
+    ),
+    seed: int = typer.Option(None, help="Random seed. Default 0."),
     kuairand: Path = typer.Option(
         None,
         "--kuairand",
@@ -219,20 +240,50 @@ def simulate(
     ),
 ) -> None:
     """Write a click log with known ground truth (position bias by device) as Parquet."""
-    import pyarrow.parquet as pq
+    import yaml
 
     from mtrank.data import simulator
+    from mtrank.errors import ConfigError
 
-    config = simulator.SimulationConfig(
-        num_users=users, num_items=items, num_requests=requests, list_size=list_size, seed=seed
-    )
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError([f"cannot read {config_file}: {exc}"], source=str(config_file)) from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                [f"the file must hold a mapping of simulator settings, got {type(loaded).__name__}"],
+                source=str(config_file),
+            )
+        values.update(loaded or {})
+    given = {
+        "num_requests": requests,
+        "list_size": list_size,
+        "num_users": users,
+        "num_items": items,
+        "logging_policy": logging_policy,
+        "logging_noise": logging_noise,
+        "logging_item_error": logging_item_error,
+        "seed": seed,
+    }
     if kuairand is not None:
-        table = simulator.semi_synthetic_kuairand(kuairand, config)
-    else:
-        table = simulator.simulate_click_log(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
-    stdout.print(f"wrote {table.num_rows} impressions to {out}")
+        # The real log fixes these; silently ignoring them would mislead.
+        fixed = {"num_requests": "--requests", "num_users": "--users", "num_items": "--items"}
+        ignored = [flag for key, flag in fixed.items() if given[key] is not None]
+        if ignored:
+            raise ConfigError(
+                [
+                    f"{', '.join(ignored)} cannot be combined with --kuairand: the real KuaiRand log fixes "
+                    "the users, the videos and the number of lists; drop these options"
+                ],
+                source="mtrank simulate",
+            )
+    values.update({key: value for key, value in given.items() if value is not None})
+    values.setdefault("num_users", SIMULATE_DEFAULT_USERS)
+    config = simulator.SimulationConfig.from_dict(values)
+    path = simulator.write_click_log(config, out, kuairand_dir=kuairand)
+    stdout.print(f"wrote {path}")
 
 
 @datasets_app.command("list")

@@ -8,6 +8,13 @@ policy ranks each list by a noisy copy of true relevance, so relevant items sit 
 often than chance. A model that reads raw clicks therefore confuses position with relevance, and a
 debiasing model has to undo that.
 
+The policy's noise has two parts. ``logging_noise`` is drawn afresh for every impression, so an
+item's average position still rises with its relevance and a model without debiasing ranks by
+relevance in expectation. ``logging_item_error`` is drawn once per item and kept for the whole log,
+like the systematic mistakes of the previous ranker that served the traffic. The items it favours
+sit higher than their relevance earns, draw more clicks, and a model that ignores position learns
+that error as relevance; this is the case a position-bias tower exists for.
+
 Every log keeps the ground truth in columns named ``true_*`` (``true_relevance``,
 ``true_examination``). They exist only to evaluate a debiasing model. Never use them as features,
 because they reveal the answer the model is meant to learn.
@@ -162,8 +169,12 @@ class SimulationConfig:
         relevance_bias: fixed logit bias, used when ``target_click_rate`` is ``None``.
         logging_policy: ``noisy_relevance`` ranks each list by the relevance logit plus Gaussian
             noise; ``random`` shuffles each list uniformly (an unbiased log for comparison).
-        logging_noise: standard deviation of the Gaussian noise of ``noisy_relevance``; 0 ranks by
-            true relevance exactly, large values approach a random order.
+        logging_noise: standard deviation of the Gaussian noise of ``noisy_relevance``, drawn afresh
+            per impression; 0 ranks by true relevance exactly, large values approach a random order.
+        logging_item_error: standard deviation of a Gaussian error of ``noisy_relevance`` drawn once
+            per item and added to every impression of that item, the persistent mistakes of a
+            previous ranker. 0 (the default) means the policy has no systematic error. Only valid
+            with ``noisy_relevance``.
         click_noise: probability that an examined but irrelevant item is clicked anyway, in ``[0, 1)``.
             The click probability is ``exam * (rel + (1 - rel) * click_noise)``.
         like_rate: probability of a like given that the item is relevant. Likes ignore position.
@@ -190,6 +201,7 @@ class SimulationConfig:
     relevance_bias: float | None = None
     logging_policy: LoggingPolicy = "noisy_relevance"
     logging_noise: float = 1.0
+    logging_item_error: float = 0.0
     click_noise: float = 0.0
     like_rate: float = 0.3
     watch_time_median_s: float = 8.0
@@ -356,6 +368,16 @@ def _validate_config(config: SimulationConfig) -> list[str]:
             f"`logging_policy` must be one of {', '.join(LOGGING_POLICIES)}, got {config.logging_policy!r}"
         )
     _check_real(problems, "logging_noise", config.logging_noise, low=0.0)
+    _check_real(problems, "logging_item_error", config.logging_item_error, low=0.0)
+    if (
+        config.logging_policy == "random"
+        and _is_real(config.logging_item_error)
+        and config.logging_item_error
+    ):
+        problems.append(
+            f"`logging_item_error` ({config.logging_item_error}) applies only to the noisy_relevance "
+            "policy; set it to 0 or use logging_policy: noisy_relevance"
+        )
     _check_real(problems, "click_noise", config.click_noise, low=0.0, high=1.0, high_open=True)
 
     _check_real(problems, "like_rate", config.like_rate, low=0.0, high=1.0)
@@ -462,22 +484,44 @@ def _spawn_generators(seed: int, count: int) -> list[np.random.Generator]:
 
 
 def _logging_order(
-    logits: np.ndarray, policy: LoggingPolicy, noise: float, rng: np.random.Generator
+    logits: np.ndarray,
+    policy: LoggingPolicy,
+    noise: float,
+    rng: np.random.Generator,
+    item_error: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return ``(R, K)`` column indices, where entry ``[r, j]`` is the candidate shown at position ``j + 1``.
 
     Args:
         logits: ``(R, K)`` relevance logits of the candidates of each request.
-        policy: ``noisy_relevance`` sorts by ``logit + noise * N(0, 1)`` descending. ``random``
-            sorts by uniform keys, which is a uniform shuffle.
+        policy: ``noisy_relevance`` sorts by ``logit + item_error + noise * N(0, 1)`` descending.
+            ``random`` sorts by uniform keys, which is a uniform shuffle.
         noise: standard deviation of the Gaussian noise of ``noisy_relevance``.
         rng: generator of the noise or the shuffle keys.
+        item_error: ``(R, K)`` persistent logging error of each candidate's item, or ``None`` for none.
     """
     if policy == "random":
         keys = rng.random(logits.shape)
     else:
-        keys = -(logits + noise * rng.standard_normal(logits.shape))
+        scores = logits + noise * rng.standard_normal(logits.shape)
+        if item_error is not None:
+            scores = scores + item_error
+        keys = -scores
     return np.argsort(keys, axis=1, kind="stable")
+
+
+def _item_logging_error(
+    item_index: np.ndarray, num_items: int, scale: float, rng: np.random.Generator
+) -> np.ndarray | None:
+    """Return the persistent logging error of each entry of ``item_index`` (any shape), or ``None``.
+
+    One ``N(0, scale)`` value is drawn per item index ``0 .. num_items - 1``, so every impression of
+    an item carries the same error. ``None`` when ``scale`` is 0, which leaves the other draws of
+    the simulation unchanged.
+    """
+    if scale == 0:
+        return None
+    return (scale * rng.standard_normal(num_items))[item_index]
 
 
 def _draw_devices(devices: Sequence[DeviceProfile], count: int, rng: np.random.Generator) -> np.ndarray:
@@ -660,7 +704,9 @@ def simulate_click_log(config: SimulationConfig) -> pa.Table:
         >>> table.num_rows
         300
     """
-    population_rng, request_rng, policy_rng, outcome_rng = _spawn_generators(config.seed, 4)
+    # A fifth stream for the item errors: SeedSequence children are numbered, so the first four
+    # streams, and logs without item errors, stay as they were before that stream existed.
+    population_rng, request_rng, policy_rng, outcome_rng, item_error_rng = _spawn_generators(config.seed, 5)
     population = _draw_population(config, population_rng)
 
     # Requests: user (R,), device (R,), candidate items (R, K).
@@ -677,7 +723,8 @@ def simulate_click_log(config: SimulationConfig) -> pa.Table:
     logits += config.quality_weight * population.item_quality[candidates]
 
     # Gather items and logits into the order in which the logging policy shows them.
-    order = _logging_order(logits, config.logging_policy, config.logging_noise, policy_rng)
+    item_error = _item_logging_error(candidates, config.num_items, config.logging_item_error, item_error_rng)
+    order = _logging_order(logits, config.logging_policy, config.logging_noise, policy_rng, item_error)
     items = np.take_along_axis(candidates, order, axis=1)
     logits = np.take_along_axis(logits, order, axis=1)
 
@@ -847,9 +894,9 @@ def semi_synthetic_kuairand(
     ``user_features_pure.csv`` when ``join_user_features`` is set.
 
     Only these config fields are used: ``list_size``, ``devices``, ``logging_policy``,
-    ``logging_noise``, ``click_noise`` and ``seed``. The real data fixes users, items, relevance,
-    likes and watch time, so the population, relevance-bias, click-rate target, like-rate and
-    watch-time fields play no part. The click rate follows from the real labels: about 0.81 of the
+    ``logging_noise``, ``logging_item_error`` (drawn once per video), ``click_noise`` and ``seed``.
+    The real data fixes users, items, relevance, likes and watch time, so the population,
+    relevance-bias, click-rate target, like-rate and watch-time fields play no part. The click rate follows from the real labels: about 0.81 of the
     subset's rows are likes, far above a natural log.
 
     NOTE: the subset keeps only impressions with a like or a hate, so a user's consecutive
@@ -915,9 +962,18 @@ def semi_synthetic_kuairand(
     rows = kept.reshape(num_lists, config.list_size)
     labels = log.column("label").to_numpy()[rows]
     relevance = np.where(labels == 1, liked_relevance, hated_relevance)
-    policy_rng, device_rng, outcome_rng = _spawn_generators(config.seed, 3)
+    policy_rng, device_rng, outcome_rng, item_error_rng = _spawn_generators(config.seed, 4)
+    # Persistent errors by video: index the videos in sorted id order so the draw is reproducible.
+    videos, video_index = np.unique(log.column("video_id").to_numpy()[rows], return_inverse=True)
+    item_error = _item_logging_error(
+        video_index.reshape(rows.shape), videos.size, config.logging_item_error, item_error_rng
+    )
     order = _logging_order(
-        np.log(relevance / (1.0 - relevance)), config.logging_policy, config.logging_noise, policy_rng
+        np.log(relevance / (1.0 - relevance)),
+        config.logging_policy,
+        config.logging_noise,
+        policy_rng,
+        item_error,
     )
     rows = np.take_along_axis(rows, order, axis=1)
     relevance = np.take_along_axis(relevance, order, axis=1)

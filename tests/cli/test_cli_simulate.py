@@ -1,0 +1,86 @@
+"""Tests of ``mtrank simulate``: options, a settings file, and options the KuaiRand mode cannot honour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from mtrank.cli.main import app
+from mtrank.data.simulator import METADATA_KEY
+
+pytestmark = pytest.mark.usefixtures("restore_mtrank_logger")
+
+
+def invoke(args: list[str]):
+    return CliRunner(env={"COLUMNS": "400"}).invoke(app, args)
+
+
+def _settings(path: Path) -> dict:
+    return json.loads(pq.read_schema(path).metadata[METADATA_KEY])["config"]
+
+
+def test_options_reach_the_simulator(tmp_path: Path) -> None:
+    out = tmp_path / "log.parquet"
+    result = invoke(
+        [
+            "-q",
+            "simulate",
+            "--out",
+            str(out),
+            "--requests",
+            "50",
+            "--items",
+            "80",
+            "--logging-item-error",
+            "0.7",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert pq.read_metadata(out).num_rows == 500
+    assert _settings(out)["logging_item_error"] == 0.7
+
+
+def test_default_user_count(tmp_path: Path) -> None:
+    out = tmp_path / "log.parquet"
+    assert invoke(["-q", "simulate", "--out", str(out), "--requests", "20"]).exit_code == 0
+    assert _settings(out)["num_users"] == 2_000
+
+
+def test_settings_file_with_override(tmp_path: Path) -> None:
+    settings = tmp_path / "sim.yaml"
+    settings.write_text(
+        "num_requests: 30\nlist_size: 4\nnum_items: 40\nlogging_noise: 0.5\n"
+        "devices:\n  - {name: watch, eta: 2.0, share: 1.0}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "log.parquet"
+    result = invoke(["-q", "simulate", "--out", str(out), "--config", str(settings), "--list-size", "5"])
+    assert result.exit_code == 0, result.output
+    values = _settings(out)
+    assert (values["list_size"], values["logging_noise"], values["devices"][0]["name"]) == (5, 0.5, "watch")
+
+
+def test_settings_file_unknown_key(tmp_path: Path) -> None:
+    settings = tmp_path / "sim.yaml"
+    settings.write_text("num_request: 30\n", encoding="utf-8")
+    result = invoke(["simulate", "--out", str(tmp_path / "log.parquet"), "--config", str(settings)])
+    assert result.exit_code == 2
+    assert "unknown key `num_request`" in result.output
+
+
+def test_kuairand_rejects_population_options(tmp_path: Path) -> None:
+    result = invoke(
+        ["simulate", "--out", str(tmp_path / "log.parquet"), "--kuairand", str(tmp_path), "--users", "9"]
+    )
+    assert result.exit_code == 2
+    assert "--users cannot be combined with --kuairand" in result.output
+
+
+def test_invalid_value_is_one_readable_error(tmp_path: Path) -> None:
+    result = invoke(["simulate", "--out", str(tmp_path / "log.parquet"), "--logging-item-error", "-1"])
+    assert result.exit_code == 2
+    assert "`logging_item_error` must be a finite number" in result.output
