@@ -6,19 +6,20 @@ Five experiments, all through mtrank's Python API (``parse_config``, ``train_run
 1. ``simulated``: the log of ``mtrank simulate --requests 20000 --seed 0`` (200,000 impressions,
    examination ``0.9 / p ** eta`` with eta 1.5 phone, 1.0 tablet, 0.6 desktop). The logging policy
    ranks each list by true relevance plus fresh Gaussian noise per impression.
-2. ``simulated_item_error``: the same users, items, relevance and devices, re-logged by a policy
-   whose score also carries a persistent error per item (``--item-error`` standard deviation on
-   the logit scale), as a previous model's mistakes would. Clicks are redrawn from the same
-   examination model. The simulator has no such option, so :func:`relog_with_item_error` does it.
+2. ``simulated_item_error``: the same users, items, relevance and devices, logged by a policy whose
+   score also carries a persistent error per item (``mtrank simulate --logging-item-error``, the
+   standard deviation on the logit scale given by ``--item-error``), as a previous ranker's
+   mistakes would.
 3. ``simulated_random_policy``: the same population logged by a uniformly random policy, so the
    position carries no information about relevance. A control: the tower should learn the true
    log examination and leave the ranking unchanged.
-4. ``kuairand``: the semi-synthetic KuaiRand log of ``mtrank simulate --kuairand DIR --seed 0``.
+4. ``kuairand`` and ``kuairand_item_error``: the semi-synthetic KuaiRand logs of ``mtrank simulate
+   --kuairand DIR --seed 0``, without and with the persistent logging error per video.
 5. ``open_bandit``: the Open Bandit Dataset's Bernoulli-TS logs (``bts``, men and women pooled)
    train a ranker with a device-less shallow tower. Its learned slot effect is set beside the click
    rate per slot on the uniform-random logs (``random``), where the slot does not depend on the item.
 
-Experiments 1-4 train every seed with and without the shallow tower from the example configs in
+Experiments 1-4 (five logs) train every seed with and without the shallow tower from the example configs in
 ``examples/`` and compare the click tower's ranking against true relevance (NDCG@10 and pairwise
 AUC per request on the test split) and the learned bias against the true examination. Seeds vary
 the model's initialisation and batch order; each experiment's log is fixed.
@@ -47,7 +48,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import yaml
 
 from mtrank.config import parse_config
@@ -66,6 +66,9 @@ LOG_SEED = 0
 # equals the simulator's per-impression logging noise (1.0), so half of the logging error's variance
 # is persistent.
 DEFAULT_ITEM_ERROR = 1.0
+# Duration bias of the KuaiRand logging policy: +1 logit per standard deviation of log duration, as
+# large as the fresh logging noise, so long videos sit visibly higher whatever their label.
+DURATION_WEIGHT = 1.0
 OPEN_BANDIT_CAMPAIGNS = ("men", "women")
 OPEN_BANDIT_COLUMNS = ["item_id", "position", "click", "user_feature_0", "user_feature_1", "user_feature_2",
                        "user_feature_3"]  # fmt: skip
@@ -79,6 +82,8 @@ COMPARISONS = {
     "simulated_item_error": "simulated.yaml",
     "simulated_random_policy": "simulated.yaml",
     "kuairand": "kuairand_semi_synthetic.yaml",
+    "kuairand_item_error": "kuairand_semi_synthetic.yaml",
+    "kuairand_duration_bias": "kuairand_semi_synthetic.yaml",
 }
 
 
@@ -86,83 +91,36 @@ COMPARISONS = {
 # Logs
 
 
-def relog_with_item_error(
-    table: pa.Table, config: simulator.SimulationConfig, item_error: float, seed: int
-) -> pa.Table:
-    """Re-order every request of a simulated log by a logging score with a persistent item error.
-
-    The logging score of an impression is ``logit(true_relevance) + e_item + noise * N(0, 1)``, with
-    ``e_item ~ N(0, item_error)`` drawn once per item and ``noise = config.logging_noise``. Positions
-    follow the score's order, and clicks are redrawn as ``Bernoulli(relevance) * Bernoulli(exam)``
-    with the simulator's examination per (device, position). Like, watch time and the features are
-    kept from ``table``.
-
-    NOTE: the redrawn click no longer shares the latent relevance draw with ``like``, so click and
-    like are independent given relevance in this log. Remove this function once the simulator
-    offers a persistent logging error.
-
-    Args:
-        table: a log from :func:`mtrank.data.simulator.simulate_click_log` with ``config``.
-        config: the simulation settings of ``table``.
-        item_error: standard deviation of the per-item logging error.
-        seed: seed of the item errors, the logging noise and the click draws.
-
-    Returns:
-        The re-logged table, ordered by request, then position.
-    """
-    rng = np.random.default_rng(seed)
-    num_requests, list_size = config.num_requests, config.list_size
-    relevance = table["true_relevance"].to_numpy().reshape(num_requests, list_size)  # (R, K)
-    items = table["item_id"].to_numpy().reshape(num_requests, list_size)  # (R, K)
-    errors = rng.normal(0.0, item_error, size=config.num_items)
-    score = np.log(relevance / (1.0 - relevance)) + errors[items]
-    score = score + config.logging_noise * rng.standard_normal(score.shape)
-    order = np.argsort(-score, axis=1, kind="stable")  # (R, K): column shown at each position
-    rows = (np.arange(num_requests)[:, None] * list_size + order).reshape(-1)
-    relogged = table.take(pa.array(rows))
-
-    names = [device.name for device in config.devices]
-    probabilities = simulator.examination_probabilities(config)
-    exam_table = np.array(
-        [[probabilities[(n, p)] for p in range(1, list_size + 1)] for n in names]
-    )  # (Dv, K)
-    device_index = pc.index_in(relogged["device"], value_set=pa.array(names)).to_numpy()  # (N,)
-    positions = np.tile(np.arange(1, list_size + 1), num_requests)
-    examination = exam_table[device_index, positions - 1]
-    relevance_flat = relogged["true_relevance"].to_numpy()
-    click = (rng.random(relevance_flat.shape) < relevance_flat) & (
-        rng.random(relevance_flat.shape) < examination
-    )
-    replacements = {
-        "position": pa.array(positions, pa.int64()),
-        "click": pa.array(click.astype(np.int64)),
-        "true_examination": pa.array(examination),
-    }
-    for name, column in replacements.items():
-        relogged = relogged.set_column(relogged.column_names.index(name), name, column)
-    return relogged
-
-
 def write_simulated_logs(folder: Path, data_dir: Path | None, item_error: float) -> dict[str, Path]:
-    """Write the simulated logs; the KuaiRand one only when its folder exists."""
+    """Write the simulated logs, as ``mtrank simulate`` would; the KuaiRand ones only when the folder exists."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = simulator.SimulationConfig(**SIMULATION, seed=LOG_SEED)
-    table = simulator.simulate_click_log(config)
-    paths = {
-        "simulated": folder / "simulated.parquet",
-        "simulated_item_error": folder / "item_error.parquet",
-        "simulated_random_policy": folder / "random_policy.parquet",
+    configs = {
+        "simulated": simulator.SimulationConfig(**SIMULATION, seed=LOG_SEED),
+        "simulated_item_error": simulator.SimulationConfig(
+            **SIMULATION, seed=LOG_SEED, logging_item_error=item_error
+        ),
+        "simulated_random_policy": simulator.SimulationConfig(
+            **SIMULATION, seed=LOG_SEED, logging_policy="random"
+        ),
     }
-    pq.write_table(table, paths["simulated"])
-    pq.write_table(relog_with_item_error(table, config, item_error, LOG_SEED), paths["simulated_item_error"])
-    random_policy = simulator.SimulationConfig(**SIMULATION, seed=LOG_SEED, logging_policy="random")
-    pq.write_table(simulator.simulate_click_log(random_policy), paths["simulated_random_policy"])
+    paths = {}
+    for scenario, config in configs.items():
+        paths[scenario] = simulator.write_click_log(config, folder / f"{scenario}.parquet")
     kuairand = (data_dir / "kuairand-explicit-feedback-subset") if data_dir else None
     if kuairand is not None and kuairand.is_dir():
-        paths["kuairand"] = folder / "kuairand.parquet"
-        pq.write_table(simulator.semi_synthetic_kuairand(kuairand, config), paths["kuairand"])
+        kuairand_configs = {
+            "kuairand": simulator.SimulationConfig(seed=LOG_SEED),
+            "kuairand_item_error": simulator.SimulationConfig(seed=LOG_SEED, logging_item_error=item_error),
+            "kuairand_duration_bias": simulator.SimulationConfig(
+                seed=LOG_SEED, logging_duration_weight=DURATION_WEIGHT
+            ),
+        }
+        for scenario, config in kuairand_configs.items():
+            paths[scenario] = simulator.write_click_log(
+                config, folder / f"{scenario}.parquet", kuairand_dir=kuairand
+            )
     else:
-        logger.warning("KuaiRand subset not found under %s; skipping the kuairand experiment", data_dir)
+        logger.warning("KuaiRand subset not found under %s; skipping the kuairand experiments", data_dir)
     return paths
 
 
@@ -403,6 +361,9 @@ def parse_args() -> argparse.Namespace:
         "--item-error", type=float, default=DEFAULT_ITEM_ERROR, help="Per-item logging error (logit sd)."
     )
     parser.add_argument(
+        "--items", type=int, default=SIMULATION["num_items"], help="Items in the synthetic logs."
+    )
+    parser.add_argument(
         "--lr", type=float, default=None, help="Learning rate of experiments 1-4; default the example's."
     )
     parser.add_argument(
@@ -440,6 +401,8 @@ def main() -> None:
         "lr": args.lr,
         "experiments": {},
     }
+    SIMULATION["num_items"] = args.items
+    results["num_items"] = args.items
     logs = write_simulated_logs(args.out / "logs", args.data_dir, args.item_error)
     for scenario, example in COMPARISONS.items():
         if scenario in chosen and scenario in logs:

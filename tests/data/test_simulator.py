@@ -608,3 +608,41 @@ def test_kuairand_item_error_follows_the_video(tmp_path: Path) -> None:
     spread = [np.std(positions[videos == video]) for video in range(10)]
     # Fresh noise alone would give a standard deviation near 2.9 (a uniform rank over 1..10).
     assert max(spread) < 1.5
+
+
+def test_duration_weight_needs_kuairand() -> None:
+    with pytest.raises(ConfigError, match="`logging_duration_weight` \\(0.5\\) needs video durations"):
+        simulate_click_log(dataclasses.replace(SMALL, logging_duration_weight=0.5))
+
+
+def test_kuairand_duration_weight_moves_long_videos_up(tmp_path: Path) -> None:
+    # All likes, so only the logging noise and the duration term order each list.
+    folder = tmp_path / "kuairand"
+    folder.mkdir()
+    with open(folder / "processed_standard_kcore_15.csv", "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(LOG_HEADER)
+        for user in range(200):
+            for index in range(10):
+                duration = 5_000 * (index + 1)
+                row = [
+                    user,
+                    1000 * user + index,
+                    20220410,
+                    1700,
+                    1_649_000_000_000 + index,
+                    1,
+                    1,
+                    5000,
+                    duration,
+                    1,
+                ]
+                writer.writerow(row)
+    mean_position_of_longest = {}
+    for weight in (0.0, 2.0):
+        config = SimulationConfig(list_size=10, logging_duration_weight=weight, seed=4)
+        table = semi_synthetic_kuairand(folder, config, join_user_features=False)
+        longest = table.column("duration_ms").to_numpy() == 50_000
+        mean_position_of_longest[weight] = float(table.column("position").to_numpy()[longest].mean())
+    # Without the term the longest video sits at 5.5 on average; with it, near the top.
+    assert mean_position_of_longest[2.0] < mean_position_of_longest[0.0] - 2.0

@@ -232,6 +232,10 @@ def simulate(
         None,
         help="Std of the logging policy's persistent error per item (a previous ranker's mistakes). Default 0.",
     ),
+    logging_duration_weight: float = typer.Option(
+        None,
+        help="With --kuairand: logit the logging policy adds per std of log duration (a duration bias). Default 0.",
+    ),
     seed: int = typer.Option(None, help="Random seed. Default 0."),
     kuairand: Path = typer.Option(
         None,
@@ -265,6 +269,7 @@ def simulate(
         "logging_policy": logging_policy,
         "logging_noise": logging_noise,
         "logging_item_error": logging_item_error,
+        "logging_duration_weight": logging_duration_weight,
         "seed": seed,
     }
     if kuairand is not None:

@@ -175,6 +175,11 @@ class SimulationConfig:
             per item and added to every impression of that item, the persistent mistakes of a
             previous ranker. 0 (the default) means the policy has no systematic error. Only valid
             with ``noisy_relevance``.
+        logging_duration_weight: semi-synthetic KuaiRand mode only: logit added to the logging score
+            per standard deviation of the video's log duration, a previous ranker's duration bias
+            (rankers trained for watch time favour long videos; Zhan et al., KDD 2022). It does not
+            touch relevance. 0 (the default) means no duration bias. Only valid with
+            ``noisy_relevance``; the synthetic mode has no duration and rejects a value other than 0.
         click_noise: probability that an examined but irrelevant item is clicked anyway, in ``[0, 1)``.
             The click probability is ``exam * (rel + (1 - rel) * click_noise)``.
         like_rate: probability of a like given that the item is relevant. Likes ignore position.
@@ -202,6 +207,7 @@ class SimulationConfig:
     logging_policy: LoggingPolicy = "noisy_relevance"
     logging_noise: float = 1.0
     logging_item_error: float = 0.0
+    logging_duration_weight: float = 0.0
     click_noise: float = 0.0
     like_rate: float = 0.3
     watch_time_median_s: float = 8.0
@@ -369,15 +375,14 @@ def _validate_config(config: SimulationConfig) -> list[str]:
         )
     _check_real(problems, "logging_noise", config.logging_noise, low=0.0)
     _check_real(problems, "logging_item_error", config.logging_item_error, low=0.0)
-    if (
-        config.logging_policy == "random"
-        and _is_real(config.logging_item_error)
-        and config.logging_item_error
-    ):
-        problems.append(
-            f"`logging_item_error` ({config.logging_item_error}) applies only to the noisy_relevance "
-            "policy; set it to 0 or use logging_policy: noisy_relevance"
-        )
+    _check_real(problems, "logging_duration_weight", config.logging_duration_weight)
+    for name in ("logging_item_error", "logging_duration_weight"):
+        value = getattr(config, name)
+        if config.logging_policy == "random" and _is_real(value) and value:
+            problems.append(
+                f"`{name}` ({value}) applies only to the noisy_relevance policy; "
+                "set it to 0 or use logging_policy: noisy_relevance"
+            )
     _check_real(problems, "click_noise", config.click_noise, low=0.0, high=1.0, high_open=True)
 
     _check_real(problems, "like_rate", config.like_rate, low=0.0, high=1.0)
@@ -697,13 +702,22 @@ def simulate_click_log(config: SimulationConfig) -> pa.Table:
         relevance bias used, as JSON.
 
     Raises:
-        ConfigError: ``target_click_rate`` cannot be reached with the examination curves.
+        ConfigError: ``target_click_rate`` cannot be reached with the examination curves, or
+            ``logging_duration_weight`` is set (synthetic items have no duration).
 
     Example:
         >>> table = simulate_click_log(SimulationConfig(num_users=50, num_items=40, num_requests=30))
         >>> table.num_rows
         300
     """
+    if config.logging_duration_weight:
+        raise ConfigError(
+            [
+                f"`logging_duration_weight` ({config.logging_duration_weight}) needs video durations, which "
+                "only the semi-synthetic KuaiRand mode has; set it to 0 or pass a KuaiRand folder"
+            ],
+            source="SimulationConfig",
+        )
     # A fifth stream for the item errors: SeedSequence children are numbered, so the first four
     # streams, and logs without item errors, stay as they were before that stream existed.
     population_rng, request_rng, policy_rng, outcome_rng, item_error_rng = _spawn_generators(config.seed, 5)
@@ -894,7 +908,8 @@ def semi_synthetic_kuairand(
     ``user_features_pure.csv`` when ``join_user_features`` is set.
 
     Only these config fields are used: ``list_size``, ``devices``, ``logging_policy``,
-    ``logging_noise``, ``logging_item_error`` (drawn once per video), ``click_noise`` and ``seed``.
+    ``logging_noise``, ``logging_item_error`` (drawn once per video), ``logging_duration_weight``,
+    ``click_noise`` and ``seed``.
     The real data fixes users, items, relevance, likes and watch time, so the population,
     relevance-bias, click-rate target, like-rate and watch-time fields play no part. The click rate follows from the real labels: about 0.81 of the
     subset's rows are likes, far above a natural log.
@@ -968,6 +983,12 @@ def semi_synthetic_kuairand(
     item_error = _item_logging_error(
         video_index.reshape(rows.shape), videos.size, config.logging_item_error, item_error_rng
     )
+    if config.logging_duration_weight:
+        log_duration = np.log1p(log.column("duration_ms").to_numpy()[rows].astype(np.float64))  # (L, K)
+        spread = float(np.std(log_duration))
+        standardized = (log_duration - log_duration.mean()) / (spread if spread > 0 else 1.0)
+        duration_error = config.logging_duration_weight * standardized
+        item_error = duration_error if item_error is None else item_error + duration_error
     order = _logging_order(
         np.log(relevance / (1.0 - relevance)),
         config.logging_policy,
