@@ -119,7 +119,8 @@ def test_empty_train_split_rejected(write_log, config_dict) -> None:
     split = {"method": "column", "column": "date", "train_max": "2000-01-01"}
 
     with pytest.raises(
-        DataError, match=r"the train split of .*log\.csv is empty; check `data\.filters` and `data\.split` \(column\)"
+        DataError,
+        match=r"the train split of .*log\.csv is empty; check `data\.filters` and `data\.split` \(column\)",
     ):
         prepare_data(parse_config(config_dict(write_log(), split=split)))
 
@@ -148,6 +149,53 @@ def test_files_split_holds_out_validation(write_log, config_dict) -> None:
     assert len(prepared.train) == 240
     assert len(prepared.valid) == 60
     assert not set(prepared.train.row_ids) & set(prepared.valid.row_ids)
+
+
+def _drop_header(path: Path) -> Path:
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[1:]), encoding="utf-8")
+    return path
+
+
+def test_files_split_headerless_split_files_take_training_names(write_log, config_dict) -> None:
+    # Avazu's layout: the training file has a header, the valid and test files do not.
+    train = write_log("train.csv", num_rows=300, seed=1)
+    valid = _drop_header(write_log("valid.csv", num_rows=50, seed=2))
+    test = _drop_header(write_log("test.csv", num_rows=80, seed=3))
+    split = {"method": "files", "valid_path": str(valid), "test_path": str(test), "header": False}
+
+    prepared = prepare_data(parse_config(config_dict(train, split=split)))
+
+    assert (len(prepared.train), len(prepared.valid), len(prepared.test), prepared.skipped_rows) == (
+        300,
+        50,
+        80,
+        0,
+    )
+
+
+def test_files_split_header_matches_full_read(write_log, config_dict) -> None:
+    # The same test rows read with and without their header line encode to the same ids.
+    train = write_log("train.csv", num_rows=300, seed=1)
+    with_header = write_log("test.csv", num_rows=80, seed=3)
+    without = _drop_header(write_log("test_nohead.csv", num_rows=80, seed=3))
+    plain = prepare_data(
+        parse_config(config_dict(train, split={"method": "files", "test_path": str(with_header)}))
+    )
+    headerless = prepare_data(
+        parse_config(
+            config_dict(train, split={"method": "files", "test_path": str(without), "header": False})
+        )
+    )
+    assert torch.equal(plain.test.batch.categorical, headerless.test.batch.categorical)
+
+
+def test_files_split_without_header_setting_misreads(write_log, config_dict) -> None:
+    # Without `split.header: false`, the first data row of a header-less file is taken as its header.
+    train = write_log("train.csv", num_rows=300, seed=1)
+    test = _drop_header(write_log("test.csv", num_rows=80, seed=3))
+    with pytest.raises(DataError, match="test.csv"):
+        prepare_data(parse_config(config_dict(train, split={"method": "files", "test_path": str(test)})))
 
 
 # ----------------------------------------------------------------------------------------------------

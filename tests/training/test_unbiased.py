@@ -234,8 +234,8 @@ def test_avazu_files_split_trains_and_evaluates(tmp_path: Path, shared_data_dir:
     result = train_run(config, tmp_path / "run")
     report = evaluate_artifact(load_run(tmp_path / "run"))
 
-    # The header line of train.csv is the one invalid row; dev.csv and test.csv have no header.
-    assert result.data.skipped_rows == 1
+    # train.csv has a header; dev.csv and test.csv do not (`split.header: false`): no row is skipped.
+    assert result.data.skipped_rows == 0
     assert (len(result.data.train), len(result.data.valid), len(result.data.test)) == (8087, 480, 432)
     assert 0.5 < report.metrics["click"]["auc"] <= 1.0
     positions = {r["position"] for r in report.details["position_bias"]}

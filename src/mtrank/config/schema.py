@@ -58,6 +58,11 @@ class FilesSplit(Strict):
     test_path: str
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="used only when valid_path is unset")
     seed: int = 2024
+    header: bool | None = Field(
+        None,
+        description="whether valid_path and test_path start with a header line; default data.header. "
+        "Header-less files take data.column_names, or else the training file's header names",
+    )
 
 
 SplitConfig = Annotated[RandomSplit | ColumnSplit | FilesSplit, Field(discriminator="method")]

@@ -29,7 +29,7 @@ from mtrank.data.encoders import (
     encoder_from_dict,
     parse_float,
 )
-from mtrank.data.readers import read_table
+from mtrank.data.readers import read_column_names, read_table
 from mtrank.data.registry import resolve_path
 from mtrank.data.tensors import Batch, EncodedData
 from mtrank.errors import DataError
@@ -268,6 +268,20 @@ class PreparedData:
     skipped_rows: int = 0
 
 
+def _split_file_layout(data: DataConfig, split: FilesSplit) -> DataConfig:
+    """Return the data config to read a files split's valid and test files with, header per ``split.header``.
+
+    Header-less split files of a training file with a header (Avazu's sample) take the training
+    file's header names unless ``data.column_names`` lists them.
+    """
+    if split.header is None or split.header == data.header:
+        return data
+    names = data.column_names
+    if not split.header and not names:
+        names = read_column_names(resolve_path(data.path), file_format=data.format, separator=data.separator)
+    return data.model_copy(update={"header": split.header, "column_names": names})
+
+
 def read_source(data: DataConfig, path: str, columns: list[str]) -> pa.Table:
     """Read ``columns`` of one log file (joining the side table if configured) with a row-number column.
 
@@ -491,13 +505,14 @@ def split_and_encode(data: DataConfig, encoders: FeatureEncoders, *, fit: bool) 
     valid_table: pa.Table | None = None
     if isinstance(split, FilesSplit):
         train_table = table
-        test_table = read_source(data, split.test_path, columns + _truth_columns(data, split.test_path))
+        split_data = _split_file_layout(data, split)
+        test_table = read_source(split_data, split.test_path, columns + _truth_columns(data, split.test_path))
         test_table, skipped_test = drop_invalid(
             test_table, encoders, source=split.test_path, on_invalid=data.on_invalid
         )
         skipped += skipped_test
         if split.valid_path:
-            valid_table = read_source(data, split.valid_path, columns)
+            valid_table = read_source(split_data, split.valid_path, columns)
             valid_table, skipped_valid = drop_invalid(
                 valid_table, encoders, source=split.valid_path, on_invalid=data.on_invalid
             )

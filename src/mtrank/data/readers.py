@@ -76,6 +76,26 @@ def read_table(
     return clean_text_columns(table, strip=strip, missing_values=missing_values)
 
 
+def read_column_names(
+    path: str | Path, *, file_format: FileFormat = "auto", separator: str | None = None
+) -> list[str]:
+    """Return the column names of a Parquet file or of a text file's header line, without reading rows.
+
+    Raises:
+        DataError: the file is missing or its header cannot be parsed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}; check the path in the config or set MTRANK_DATA_DIR")
+    kind = detect_format(path, file_format)
+    if kind == "parquet" or (file_format == "auto" and is_parquet(path)):
+        try:
+            return list(pq.read_schema(path).names)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataError(f"cannot read Parquet file {path}: {exc}") from None
+    return _header_names(path, separator or ("\t" if kind == "tsv" else ","))
+
+
 def _read_parquet(path: Path, columns: Sequence[str] | None) -> pa.Table:
     try:
         schema = pq.read_schema(path)
