@@ -294,22 +294,25 @@ def simulate(
 @datasets_app.command("list")
 def datasets_list() -> None:
     """List the registered datasets and whether their files are on disk."""
+    from rich import box
     from rich.table import Table
 
     from mtrank.data.registry import DATASETS, is_available
 
-    table = Table(title="datasets (local copies under $MTRANK_DATA_DIR/<name>/ or the download cache)")
-    for column in ("dataset", "file", "on disk", "licence"):
-        table.add_column(column)
+    table = Table(
+        title="datasets (local copies under $MTRANK_DATA_DIR/<name>/ or the download cache)", box=box.SIMPLE
+    )
+    # Names are never cut: they are what `datasets fetch` takes. The licences follow the table, so
+    # the table fits an 80-column terminal.
+    for column in ("dataset", "file", "found"):
+        table.add_column(column, no_wrap=True)
     for dataset in DATASETS.values():
-        for entry in dataset.files:
-            table.add_row(
-                dataset.name,
-                entry.name,
-                "yes" if is_available(dataset.name, entry.name) else "no",
-                dataset.licence,
-            )
+        for index, entry in enumerate(dataset.files):
+            available = "yes" if is_available(dataset.name, entry.name) else "no"
+            table.add_row(dataset.name if index == 0 else "", entry.name, available)
     stdout.print(table)
+    for dataset in DATASETS.values():
+        stdout.print(f"{dataset.name}: {dataset.licence}", soft_wrap=True)
 
 
 @datasets_app.command("fetch")

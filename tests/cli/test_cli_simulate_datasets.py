@@ -1,4 +1,4 @@
-"""Tests of ``mtrank simulate``: options, a settings file, and options the KuaiRand mode cannot honour."""
+"""Tests of `mtrank simulate` (options, a settings file, KuaiRand limits) and `mtrank datasets list`."""
 
 from __future__ import annotations
 
@@ -84,3 +84,13 @@ def test_invalid_value_is_one_readable_error(tmp_path: Path) -> None:
     result = invoke(["simulate", "--out", str(tmp_path / "log.parquet"), "--logging-item-error", "-1"])
     assert result.exit_code == 2
     assert "`logging_item_error` must be a finite number" in result.output
+
+
+def test_datasets_list_keeps_names_whole_in_80_columns(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MTRANK_DATA_DIR", str(tmp_path))
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["datasets", "list"])
+    assert result.exit_code == 0, result.output
+    # `datasets fetch` takes these names, so a cut name would be a wrong hint.
+    assert "kuairand-explicit-feedback-subset" in result.output
+    assert "processed_standard_kcore_15.csv" in result.output
+    assert "…" not in result.output
