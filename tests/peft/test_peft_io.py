@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from mtrank.errors import ArtifactError, ConfigError
 from mtrank.models.mlp import MLP
 from mtrank.peft import PeftModel, list_peft_sets, load_peft_set, peft_set_files, read_peft_set, save_peft_set
+from mtrank.training.checkpoint import DIGEST_METADATA_KEY, tensor_digest
 
 
 @pytest.fixture
@@ -168,3 +169,43 @@ def test_two_sets_saved_side_by_side(make_ranker, make_ids, train_steps, tmp_pat
             actual[name] = reloaded(ids)
     assert torch.equal(actual["one"], expected["one"])
     assert torch.equal(actual["two"], expected["two"])
+
+
+def test_weights_record_tensor_digest(saved_lora) -> None:
+    peft, files = saved_lora
+    with safe_open(str(files.weights), framework="pt") as handle:
+        metadata = handle.metadata()
+
+    assert metadata[DIGEST_METADATA_KEY] == tensor_digest(peft.set_state_dict("scenario"))
+
+
+def test_corrupt_tensor_rejected_despite_matching_sidecar(saved_lora, make_ranker, tmp_path) -> None:
+    # The sidecar's file SHA-256 is rewritten to match, as when a corrupt copy is saved again with
+    # its JSON. The digest in the weights file's own header still catches the changed byte.
+    _, files = saved_lora
+    data = bytearray(files.weights.read_bytes())
+    data[-1] ^= 0x01
+    files.weights.write_bytes(bytes(data))
+    raw = json.loads(files.config.read_text(encoding="utf-8"))
+    raw["weights_sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    files.config.write_text(json.dumps(raw), encoding="utf-8")
+    model = PeftModel(make_ranker(seed=1))
+
+    with pytest.raises(ArtifactError, match=r"scenario\.safetensors is corrupt: its tensors have SHA-256"):
+        load_peft_set(model, tmp_path, "scenario")
+    assert model.set_names() == []
+
+
+def test_weights_without_digest_still_load(saved_lora, make_ranker, tmp_path) -> None:
+    peft, files = saved_lora
+    tensors = {key: torch.randn_like(value) for key, value in peft.set_state_dict("scenario").items()}
+    _rewrite_weights(files, tensors)
+    with safe_open(str(files.weights), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    assert DIGEST_METADATA_KEY not in metadata
+
+    reloaded = load_peft_set(make_ranker(seed=1), tmp_path, "scenario")
+
+    loaded = reloaded.set_state_dict("scenario")
+    for key, tensor in tensors.items():
+        assert torch.equal(loaded[key], tensor), key

@@ -5,6 +5,10 @@ base weights, and nothing is pickled. Loading re-injects the set into a freshly 
 the JSON description and then loads the tensors strictly. For a set with trainable modules (a new
 task tower), the caller builds those modules into the base model before loading.
 
+Two checks catch a changed weights file: the JSON records the SHA-256 of the whole file, and the
+file's own header records the digest of its tensors (see
+:func:`mtrank.training.checkpoint.tensor_digest`), which is checked when the tensors are loaded.
+
 Files for set ``NAME`` in ``DIRECTORY``: ``NAME.safetensors`` and ``NAME.json``.
 """
 
@@ -14,20 +18,20 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtrank import __version__
 from mtrank.errors import ArtifactError, ConfigError
 from mtrank.peft.inject import PeftModel, PeftSetSpec
 from mtrank.peft.targets import find_site
+
+# NOTE: these safetensors helpers sit below training in concept but live in its package. Move them to
+# a module that both packages import once one exists.
+from mtrank.training.checkpoint import atomic_save_tensors, atomic_write_text, load_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +103,7 @@ def save_peft_set(model: PeftModel, name: str, directory: str | Path, *, base_ru
     """Write set ``name``'s tensors and description to ``directory``, replacing earlier files.
 
     Each file is written to a temporary name and renamed, so a crash never leaves a half-written
-    file under the final name.
+    file under the final name. The weights file's header records the digest of its tensors.
 
     Args:
         model: the model holding the set.
@@ -125,15 +129,14 @@ def save_peft_set(model: PeftModel, name: str, directory: str | Path, *, base_ru
             raise ArtifactError(f"cannot save tensor `{key}`: module names must not contain `/`")
         tensors[key] = tensor.detach().to("cpu").contiguous().clone()
     metadata = {"format": FORMAT_NAME, "peft_set": name, "method": spec.method}
-    _write_atomically(files.weights, lambda path: save_file(tensors, str(path), metadata=metadata))
+    atomic_save_tensors(files.weights, tensors, metadata)
     saved = SavedPeftSet(
         spec=spec,
         base_run=base_run,
         weights_sha256=_sha256(files.weights),
         mtrank_version=__version__,
     )
-    text = json.dumps(saved.to_json(), indent=2, sort_keys=True) + "\n"
-    _write_atomically(files.config, lambda path: path.write_text(text, encoding="utf-8"))
+    atomic_write_text(files.config, json.dumps(saved.to_json(), indent=2, sort_keys=True) + "\n")
     logger.info("saved PEFT set %s (%d tensors) to %s", name, len(tensors), files.weights)
     return files
 
@@ -221,8 +224,9 @@ def load_peft_set(
         The :class:`PeftModel` holding the set (``model`` itself when it already is one).
 
     Raises:
-        ArtifactError: the files are missing, corrupt or of another format, or the base run
-            differs. Also when the patterns select other modules than at saving (another
+        ArtifactError: the files are missing, corrupt (the weights file differs from the SHA-256
+            in the JSON, or its tensors from the digest in its header) or of another format, or
+            the base run differs. Also when the patterns select other modules than at saving (another
             architecture), a trainable module is missing, or tensors are missing, unexpected or
             of another shape. On any of these errors the model is left without the set.
         ConfigError: the model already has a set of that name.
@@ -280,7 +284,7 @@ def load_peft_set(
 
 
 def _load_tensors_strictly(model: PeftModel, name: str, path: Path) -> None:
-    loaded = load_file(str(path), device="cpu")
+    loaded = load_tensors(path)
     expected = model.set_state_dict(name)
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))
@@ -318,14 +322,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -13,6 +13,10 @@ A request is scored in whole columns: the rows become one pyarrow table, the run
 encode it, and the model runs once per ``eval_batch_size`` rows in eval mode under
 ``torch.inference_mode``. Every response carries an ``X-Request-ID`` header (the client's, when it
 sends a valid one), and every rejected request is logged with that id.
+
+Categorical values go through :class:`~mtrank.serving.scorer.ServingVocabularyEncoder`, so a
+category that training read as ``"3.0"`` is found whether a row sends ``3``, ``3.0``, ``"3"`` or
+``"3.0"``.
 """
 
 from __future__ import annotations
@@ -134,7 +138,11 @@ def required_columns(encoders: FeatureEncoders) -> list[str]:
 
 
 def _categorical_column(values: list[Any]) -> pa.Array:
-    """Build a categorical column whose text matches what the encoders saw in a typed training column."""
+    """Build a categorical column of JSON values, typed where they share one type and text otherwise.
+
+    Mixed values become the text that pyarrow's cast gives a typed column, so ``5.0`` becomes ``"5"``.
+    The serving encoders then match numbers by value, so this text need not equal the training text.
+    """
     try:
         array = pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
@@ -346,7 +354,7 @@ class RowScorer:
 
     def __init__(self, scorer: Scorer) -> None:
         self.scorer = scorer
-        self.encoders = scorer.run.encoders
+        self.encoders = scorer.encoders
         self.task_names = list(scorer.task_names)
         self.batch_size = scorer.run.config.training.eval_batch_size
         scorer.run.model.eval()
