@@ -44,6 +44,11 @@ class DWABalancer(LossBalancer):
         ConfigError: the temperature is not positive.
     """
 
+    # Buffers registered in __init__, declared so that type checkers see tensors, not modules.
+    task_weights: torch.Tensor
+    epoch_losses: torch.Tensor
+    epochs_seen: torch.Tensor
+
     def __init__(
         self,
         task_names: Sequence[str],

@@ -33,6 +33,9 @@ class FixedBalancer(LossBalancer):
         tensor(0.8000)
     """
 
+    # Buffer registered in __init__, declared so that type checkers see a tensor, not a module.
+    task_weights: torch.Tensor
+
     def __init__(
         self,
         task_names: Sequence[str],

@@ -85,6 +85,10 @@ class GradNormBalancer(LossBalancer):
 
     needs_shared_parameters = True
 
+    # Buffers registered in __init__, declared so that type checkers see tensors, not modules.
+    initial_losses: torch.Tensor
+    has_initial_loss: torch.Tensor
+
     def __init__(
         self,
         task_names: Sequence[str],

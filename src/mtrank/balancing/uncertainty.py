@@ -64,6 +64,9 @@ class UncertaintyBalancer(LossBalancer):
         ConfigError: an option is invalid.
     """
 
+    # Buffer registered in __init__, declared so that type checkers see a tensor, not a module.
+    precision_factors: torch.Tensor
+
     def __init__(
         self,
         task_names: Sequence[str],

@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -46,7 +47,7 @@ class RichProgress:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and console.is_terminal
         self._progress: Progress | None = None
-        self._task: int | None = None
+        self._task: TaskID | None = None
 
     def start(self, description: str, total: int) -> None:
         if not self.enabled:

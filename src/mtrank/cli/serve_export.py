@@ -23,21 +23,21 @@ def serve(
         DEFAULT_HOST, "--host", help="Address to listen on; 0.0.0.0 listens on every interface."
     ),
     port: int = typer.Option(DEFAULT_PORT, "--port", help="TCP port to listen on."),
-    peft: str = typer.Option(
+    peft: str | None = typer.Option(
         None,
         "--peft",
         help="Load this PEFT set from `mtrank finetune`: a name under RUN/peft/ or a set folder.",
     ),
-    max_rows: int = typer.Option(
+    max_rows: int | None = typer.Option(
         None, "--max-rows", min=1, help="Rows accepted per POST /score; default 10000."
     ),
-    limit_max_requests: int = typer.Option(
+    limit_max_requests: int | None = typer.Option(
         None,
         "--limit-max-requests",
         min=1,
         help="Exit after this many requests (for tests and process recycling).",
     ),
-    threads: int = typer.Option(
+    threads: int | None = typer.Option(
         None, "--threads", min=1, help="torch intra-op threads per scoring call; default: torch's choice."
     ),
 ) -> None:
@@ -58,7 +58,7 @@ def export(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     export_format: str = typer.Option(..., "--format", help="onnx or torchscript."),
     out: Path = typer.Option(..., "--out", help="File to write, e.g. model.onnx; the sidecar is OUT.json."),
-    peft: str = typer.Option(
+    peft: str | None = typer.Option(
         None,
         "--peft",
         help="Load this PEFT set from `mtrank finetune` first; its new tasks become extra outputs.",

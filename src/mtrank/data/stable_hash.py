@@ -8,7 +8,7 @@ Python's built-in ``hash()`` is salted per process, so it is never used here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ FNV1A_64_PRIME = 0x100000001B3
 # equals it (a 2**-64 chance per distinct string) is moved to NULL_HASH + 1 so nulls stay distinct.
 NULL_HASH = -(2**63)
 
-StringValues = np.ndarray | pa.Array | pa.ChunkedArray | Sequence[Any]
+StringValues: TypeAlias = np.ndarray | pa.Array | pa.ChunkedArray | Sequence[Any]
 
 
 def stable_hash_strings(values: StringValues) -> np.ndarray:

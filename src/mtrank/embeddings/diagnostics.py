@@ -260,9 +260,10 @@ def _column_entropies_bits(buckets: torch.Tensor, num_buckets: int) -> torch.Ten
         start_positions = np.flatnonzero(run_starts)  # (R,) flat positions; every row opens a new run
         run_sizes = np.diff(np.append(start_positions, columns.size)).astype(np.float64)  # (R,)
         column_of_run = start_positions // num_rows  # (R,)
+        # With weights, bincount returns float64, so astype copies nothing. It gives type checkers the dtype.
         sum_c_log_c = np.bincount(
             column_of_run, weights=run_sizes * np.log2(run_sizes), minlength=num_columns
-        )
+        ).astype(np.float64, copy=False)
     return torch.from_numpy(math.log2(num_rows) - sum_c_log_c / num_rows)  # (F,) float64
 
 

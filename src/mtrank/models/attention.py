@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -252,7 +253,7 @@ class FieldAttention(nn.Module):
         for module in self.layers:
             # A PEFT wrapper keeps the wrapped layer as `base_layer`.
             while not isinstance(module, FieldAttentionLayer) and hasattr(module, "base_layer"):
-                module = module.base_layer
+                module = cast(nn.Module, module.base_layer)
             if not isinstance(module, FieldAttentionLayer):
                 raise TypeError(
                     f"field attention contains {type(module).__name__}, not a FieldAttentionLayer"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -105,7 +106,7 @@ class MMoE(Backbone):
     def last_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
         params: list[tuple[str, nn.Parameter]] = []
         for e, expert in enumerate(self.experts):
-            params += _last_linear_parameters(f"backbone.experts.{e}", expert)
+            params += _last_linear_parameters(f"backbone.experts.{e}", cast(MLP, expert))
         return params
 
 
@@ -141,7 +142,8 @@ class PLELevel(nn.Module):
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
         shared_out = [expert(shared_x) for expert in self.shared_experts]  # Es x (B, H)
         task_out = [
-            [expert(x) for expert in group] for group, x in zip(self.task_experts, task_x, strict=True)
+            [expert(x) for expert in cast(nn.ModuleList, group)]
+            for group, x in zip(self.task_experts, task_x, strict=True)
         ]
         outputs, gate_weights = [], []
         for t, gate in enumerate(self.task_gates):
@@ -183,6 +185,7 @@ class PLE(Backbone):
     def last_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
         last = len(self.levels) - 1
         params: list[tuple[str, nn.Parameter]] = []
-        for e, expert in enumerate(self.levels[last].shared_experts):
-            params += _last_linear_parameters(f"backbone.levels.{last}.shared_experts.{e}", expert)
+        last_level = cast(PLELevel, self.levels[last])
+        for e, expert in enumerate(last_level.shared_experts):
+            params += _last_linear_parameters(f"backbone.levels.{last}.shared_experts.{e}", cast(MLP, expert))
         return params

@@ -13,7 +13,7 @@ from mtrank.config.schema import (
     SharedBottomConfig,
 )
 from mtrank.data.pipeline import FeatureEncoders
-from mtrank.embeddings import build_embedding
+from mtrank.embeddings import FeatureEmbedding, build_embedding
 from mtrank.errors import ConfigError
 from mtrank.models.backbones import PLE, Backbone, MMoE, PLELevel, SharedBottom
 from mtrank.models.mlp import MLP
@@ -34,11 +34,11 @@ def build_ranker(config: RunConfig, encoders: FeatureEncoders) -> MultiTaskRanke
     model = config.model
     sizes = encoders.vocabulary_sizes()
     attention = model.attention
-    embeddings = nn.ModuleDict()
-    for feature in config.categorical_features():
-        embeddings[feature.name] = _embedding(
-            feature, sizes[feature.name], attention.dim if attention else None
-        )
+    feature_embeddings = {
+        feature.name: _embedding(feature, sizes[feature.name], attention.dim if attention else None)
+        for feature in config.categorical_features()
+    }
+    embeddings = nn.ModuleDict(feature_embeddings)
 
     num_numeric = len(config.numeric_features())
     interaction = numeric_fields = None
@@ -56,7 +56,7 @@ def build_ranker(config: RunConfig, encoders: FeatureEncoders) -> MultiTaskRanke
         num_fields = len(embeddings) + num_numeric
         in_dim = num_fields * interaction.out_dim
     else:
-        in_dim = sum(e.embedding_dim for e in embeddings.values()) + num_numeric
+        in_dim = sum(e.embedding_dim for e in feature_embeddings.values()) + num_numeric
 
     backbone = build_backbone(config, in_dim)
     towers = nn.ModuleDict(
@@ -95,7 +95,9 @@ def build_ranker(config: RunConfig, encoders: FeatureEncoders) -> MultiTaskRanke
     )
 
 
-def _embedding(feature: CategoricalFeature, vocab_size: int | None, forced_dim: int | None) -> nn.Module:
+def _embedding(
+    feature: CategoricalFeature, vocab_size: int | None, forced_dim: int | None
+) -> FeatureEmbedding:
     dim = forced_dim or feature.embedding.dim or DEFAULT_EMBEDDING_DIM
     try:
         return build_embedding(

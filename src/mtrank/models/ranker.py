@@ -65,6 +65,9 @@ class MultiTaskRanker(nn.Module):
         bias_tasks: names of the tasks whose logit gets the shallow-tower logit.
     """
 
+    # Buffer registered in __init__, declared so that type checkers see a tensor, not a module.
+    bias_index: torch.Tensor
+
     def __init__(
         self,
         *,

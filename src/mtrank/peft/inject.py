@@ -284,7 +284,9 @@ class PeftModel(nn.Module):
                 if len(site.module.peft_modules) == 0:
                     setattr(site.parent, site.attribute, site.module.base_layer)
         if name in self.standalone_modules:
-            self.standalone_modules[name].deactivate()
+            standalone = self.standalone_modules[name]
+            if isinstance(standalone, StandalonePeftModule):
+                standalone.deactivate()
             del self.standalone_modules[name]
         del self._specs[name]
         self._apply_active_set()
@@ -406,12 +408,12 @@ class PeftModel(nn.Module):
         if name in self.standalone_modules:
             components.append(("set", self.standalone_modules[name]))
         for module_name in spec.trainable_modules:
-            site = find_site(self.base_model, module_name)
-            if site is None:
+            trainable_site = find_site(self.base_model, module_name)
+            if trainable_site is None:
                 raise ConfigError(
                     [f"trainable module `{module_name}` of PEFT set `{name}` is no longer in the model"]
                 )
-            components.append((f"modules/{module_name}", site.module))
+            components.append((f"modules/{module_name}", trainable_site.module))
         return components
 
     def set_state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -488,7 +490,7 @@ class PeftModel(nn.Module):
         super().train(mode)
         if not mode:
             return self
-        trainable = set()
+        trainable: set[int] = set()
         if self._active is not None:
             for module_name in self._specs[self._active].trainable_modules:
                 site = find_site(self.base_model, module_name)

@@ -96,7 +96,7 @@ class _LoraBase(InjectedModule):
         """
         if self._merged:
             return
-        weight = base_layer.weight
+        weight = _weight_of(base_layer)
         with torch.no_grad():
             self._original_weight = weight.detach().clone() if keep_original else None
             weight.add_(self.delta_weight().to(weight.dtype))
@@ -106,7 +106,7 @@ class _LoraBase(InjectedModule):
         """Remove the update from ``base_layer.weight``; a no-op when not merged."""
         if not self._merged:
             return
-        weight = base_layer.weight
+        weight = _weight_of(base_layer)
         with torch.no_grad():
             if self._original_weight is not None:
                 weight.copy_(self._original_weight)
@@ -190,6 +190,20 @@ class LoraEmbedding(_LoraBase):
         return (self.lora_B @ self.lora_A).t() * self.scaling  # (V, D)
 
 
+def _weight_of(layer: nn.Module) -> torch.Tensor:
+    """Return ``layer.weight``, the tensor that a LoRA update is added to.
+
+    Raises:
+        TypeError: ``layer.weight`` is not a tensor.
+    """
+    weight = layer.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"LoRA needs a `weight` tensor on {type(layer).__name__}, got {type(weight).__name__}"
+        )
+    return weight
+
+
 def is_lora_embedding_target(module: nn.Module) -> bool:
     """Check whether ``module`` is an ``nn.Embedding`` or ``TableEmbedding`` that LoRA can target."""
     return isinstance(module, (nn.Embedding, TableEmbedding))
@@ -217,6 +231,7 @@ class LoraMethod(PeftMethod):
         """
         options: LoraOptions = self.options
         target = unwrap(site.module)
+        weight = _weight_of(target)
         module: _LoraBase
         if isinstance(target, nn.Linear):
             module = LoraLinear(
@@ -234,7 +249,6 @@ class LoraMethod(PeftMethod):
                 target.num_embeddings, target.embedding_dim, options.rank, options.scaling, target.padding_idx
             )
         else:
-            vocab_size, dim = target.weight.shape
+            vocab_size, dim = weight.shape
             module = LoraEmbedding(vocab_size, dim, options.rank, options.scaling, PADDING_ID)
-        weight = target.weight
         return module.to(device=weight.device, dtype=weight.dtype)

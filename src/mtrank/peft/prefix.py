@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import cast
 
 import torch
 from torch import nn
@@ -119,7 +120,7 @@ class PrefixEncoder(StandalonePeftModule):
         start = 2 * sum(self.widths[:index])
         width = self.widths[index]
         hidden = self.mlp[1](self.mlp[0](self.embedding))  # (P, N)
-        last = self.mlp[2]
+        last = cast(nn.Linear, self.mlp[2])
         rows = slice(start, start + 2 * width)
         key_value = functional.linear(hidden, last.weight[rows], last.bias[rows])  # (P, 2 * W_index)
         key, value = key_value.split(width, dim=1)  # (P, W_index) each

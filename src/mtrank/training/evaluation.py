@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from mtrank.config.loader import default_metrics
 from mtrank.config.schema import TaskConfig
 from mtrank.data.tensors import EncodedData, iterate_batches
-from mtrank.models.ranker import MultiTaskRanker
 from mtrank.training.losses import to_predictions
 from mtrank.training.metrics import compute_task_metrics
 
@@ -23,9 +23,16 @@ Metrics = dict[str, dict[str, float]]
 
 @torch.no_grad()
 def predict(
-    model: MultiTaskRanker, data: EncodedData, loss_kinds: Sequence[str], batch_size: int = 8192
+    model: nn.Module, data: EncodedData, loss_kinds: Sequence[str], batch_size: int = 8192
 ) -> np.ndarray:
     """Score every row in eval mode.
+
+    Args:
+        model: a :class:`mtrank.models.ranker.MultiTaskRanker`, or a module that wraps one, such as
+            a PEFT model. Its forward returns a :class:`mtrank.models.ranker.RankerOutput`.
+        data: the rows to score.
+        loss_kinds: T loss names, which choose sigmoid or identity per task.
+        batch_size: rows per forward pass.
 
     Returns:
         ``(N, T)`` float64 predictions: probabilities for binary tasks, values for regression tasks.
@@ -84,22 +91,22 @@ def _means(results: Metrics) -> dict[str, float]:
         for name, value in values.items():
             if not name.endswith("_skipped"):
                 collected.setdefault(name, []).append(value)
-    means = {}
-    for name, values in collected.items():
-        finite = [x for x in values if math.isfinite(x)]
-        if len(finite) < len(values):
+    means: dict[str, float] = {}
+    for name, per_task in collected.items():
+        finite = [x for x in per_task if math.isfinite(x)]
+        if len(finite) < len(per_task):
             logger.warning(
                 "mean/%s averages %d of %d tasks; the others are undefined (NaN)",
                 name,
                 len(finite),
-                len(values),
+                len(per_task),
             )
         means[name] = float(np.mean(finite)) if finite else math.nan
     return means
 
 
 def evaluate_model(
-    model: MultiTaskRanker,
+    model: nn.Module,
     data: EncodedData,
     tasks: Sequence[TaskConfig],
     group_column: str | None,

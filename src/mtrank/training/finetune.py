@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -410,7 +410,8 @@ def default_targets(method: str, model: MultiTaskRanker) -> list[str] | None:
             if isinstance(module, MLP)
         ]
         for task, tower in model.towers.items():
-            linear_positions = [i for i, layer in enumerate(tower.layers) if isinstance(layer, nn.Linear)]
+            tower_layers = cast(MLP, tower).layers
+            linear_positions = [i for i, layer in enumerate(tower_layers) if isinstance(layer, nn.Linear)]
             if len(linear_positions) >= 2:
                 # The block just before the output layer, so that the adapter adapts the hidden width.
                 targets.append(f"towers.{task}.layers.{linear_positions[-1] - 1}")

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch.nn import functional as F
 
-LOSSES = {
+
+class TaskLossFunction(Protocol):
+    """Loss function over ``(B,)`` model outputs and labels, with the signature of ``F.mse_loss``."""
+
+    def __call__(
+        self, input: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean"
+    ) -> torch.Tensor: ...
+
+
+LOSSES: dict[str, TaskLossFunction] = {
     "bce": F.binary_cross_entropy_with_logits,
     "mse": F.mse_loss,
     "huber": F.huber_loss,

@@ -162,9 +162,12 @@ def learned_bias_by_position(run: LoadedRun, data: EncodedData) -> list[dict[str
         run has no shallow tower or ``data`` holds no positions.
     """
     tower = run.model.shallow_tower
-    if tower is None or data.batch.device is None or POSITION_EXTRA not in data.extras:
+    # build_ranker adds a shallow tower only when there is a position encoder, so `position` is set
+    # whenever `tower` is.
+    position = run.encoders.position
+    if tower is None or position is None or data.batch.device is None or POSITION_EXTRA not in data.extras:
         return []
-    _column, position_encoder = run.encoders.position  # type: ignore[misc]
+    _column, position_encoder = position
     positions = data.extras[POSITION_EXTRA]
     rows: list[dict[str, Any]] = []
     for label, (combo, on_device) in _device_groups(run, data.batch.device.numpy()).items():
