@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -26,14 +25,15 @@ app = typer.Typer(
 datasets_app = typer.Typer(help="List and fetch the public datasets the examples use.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def friendly_errors(command: F) -> F:
+def friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
     """Turn mtrank errors into one readable message and exit code 2, instead of a traceback."""
 
     @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
         except MtrankError as exc:
@@ -50,7 +50,7 @@ def friendly_errors(command: F) -> F:
             )
             raise typer.Exit(code=2) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 @app.callback()
@@ -65,14 +65,14 @@ def main_options(
 @friendly_errors
 def train(
     config: Path = typer.Argument(..., help="YAML run config."),
-    run_dir: Path = typer.Option(
+    run_dir: Path | None = typer.Option(
         None, "--run-dir", "-o", help="Artifact directory; default runs/<config name>."
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the latest checkpoint in the run directory."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in the run directory."),
-    epochs: int = typer.Option(None, "--epochs", help="Override training.epochs."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override training.epochs."),
 ) -> None:
     """Train a ranker from a YAML config and report per-task test metrics."""
     from mtrank.config import load_config
@@ -92,11 +92,11 @@ def train(
 @friendly_errors
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
-    data: str = typer.Option(
+    data: str | None = typer.Option(
         None, "--data", help="Labelled file to evaluate; default: the run's test split."
     ),
-    out: Path = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
-    peft: str = typer.Option(
+    out: Path | None = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
+    peft: str | None = typer.Option(
         None,
         "--peft",
         help="Load this PEFT set from `mtrank finetune`: a name under RUN/peft/ or a set folder.",
@@ -136,7 +136,7 @@ def predict(
     data: str = typer.Option(..., "--data", help="File to score (CSV, TSV, gzip CSV or Parquet)."),
     out: Path = typer.Option(..., "--out", help="Output file: .csv or .parquet, one column per task."),
     batch_size: int = typer.Option(8192, min=1, help="Rows scored per batch."),
-    peft: str = typer.Option(
+    peft: str | None = typer.Option(
         None,
         "--peft",
         help="Load this PEFT set from `mtrank finetune`: a name under RUN/peft/ or a set folder.",
@@ -159,8 +159,10 @@ def finetune(
     base_run: Path = typer.Argument(..., help="The finished base run directory."),
     config: Path = typer.Argument(..., help="YAML fine-tune config: data, tasks, PEFT settings, training."),
     method: str = typer.Option(..., "--method", help="PEFT method: adapter, prefix or lora."),
-    name: str = typer.Option(None, "--name", help="Name of the PEFT set; default: the config's `name`."),
-    out: Path = typer.Option(
+    name: str | None = typer.Option(
+        None, "--name", help="Name of the PEFT set; default: the config's `name`."
+    ),
+    out: Path | None = typer.Option(
         None, "--out", "-o", help="Folder for the set's files; default BASE_RUN/peft/NAME."
     ),
 ) -> None:
@@ -184,7 +186,7 @@ def finetune(
 @friendly_errors
 def demo(
     run_dir: Path = typer.Option(Path("runs/demo-census"), "--run-dir", "-o", help="Artifact directory."),
-    epochs: int = typer.Option(None, "--epochs", help="Override the preset's epochs."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override the preset's epochs."),
 ) -> None:
     """Train MMoE on Census-Income (KDD) with the MMoE paper's two tasks and print test AUC."""
     from mtrank.config.presets import census_config
@@ -212,32 +214,32 @@ SIMULATE_DEFAULT_USERS = 2_000
 @friendly_errors
 def simulate(
     out: Path = typer.Option(..., "--out", help="Parquet file to write."),
-    config_file: Path = typer.Option(
+    config_file: Path | None = typer.Option(
         None,
         "--config",
         help="YAML mapping of simulator settings (any SimulationConfig field, devices included); "
         "options given on the command line override it.",
     ),
-    requests: int = typer.Option(None, help="Number of requests (lists). Default 20000."),
-    list_size: int = typer.Option(None, help="Items per list (positions 1..K). Default 10."),
-    users: int = typer.Option(None, help=f"Number of users. Default {SIMULATE_DEFAULT_USERS}."),
-    items: int = typer.Option(None, help="Number of items. Default 5000."),
-    logging_policy: str = typer.Option(
+    requests: int | None = typer.Option(None, help="Number of requests (lists). Default 20000."),
+    list_size: int | None = typer.Option(None, help="Items per list (positions 1..K). Default 10."),
+    users: int | None = typer.Option(None, help=f"Number of users. Default {SIMULATE_DEFAULT_USERS}."),
+    items: int | None = typer.Option(None, help="Number of items. Default 5000."),
+    logging_policy: str | None = typer.Option(
         None, help="noisy_relevance (default) or random (a uniformly shuffled, unbiased log)."
     ),
-    logging_noise: float = typer.Option(
+    logging_noise: float | None = typer.Option(
         None, help="Std of the logging policy's noise, fresh per impression. Default 1.0."
     ),
-    logging_item_error: float = typer.Option(
+    logging_item_error: float | None = typer.Option(
         None,
         help="Std of the logging policy's persistent error per item (a previous ranker's mistakes). Default 0.",
     ),
-    logging_duration_weight: float = typer.Option(
+    logging_duration_weight: float | None = typer.Option(
         None,
         help="With --kuairand: logit the logging policy adds per std of log duration (a duration bias). Default 0.",
     ),
-    seed: int = typer.Option(None, help="Random seed. Default 0."),
-    kuairand: Path = typer.Option(
+    seed: int | None = typer.Option(None, help="Random seed. Default 0."),
+    kuairand: Path | None = typer.Option(
         None,
         "--kuairand",
         help="Semi-synthetic mode: folder of the KuaiRand subset; real items and likes as relevance.",
@@ -339,4 +341,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -217,14 +218,14 @@ class FeatureEncoders:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        def entries(items: dict[str, tuple[str, Encoder]]) -> list[dict[str, Any]]:
+        def entries(items: Mapping[str, tuple[str, Encoder]]) -> list[dict[str, Any]]:
             return [{"name": n, "column": s, "encoder": e.to_dict()} for n, (s, e) in items.items()]
 
         return {
             "format": 1,
-            "categorical": entries(self.categorical),  # type: ignore[arg-type]
-            "numeric": entries(self.numeric),  # type: ignore[arg-type]
-            "labels": entries(self.labels),  # type: ignore[arg-type]
+            "categorical": entries(self.categorical),
+            "numeric": entries(self.numeric),
+            "labels": entries(self.labels),
             "position": (
                 {"column": self.position[0], "encoder": self.position[1].to_dict()} if self.position else None
             ),
@@ -242,8 +243,13 @@ class FeatureEncoders:
             categorical=entries(data["categorical"]),
             numeric=entries(data["numeric"]),
             labels=entries(data["labels"]),
-            position=(position["column"], encoder_from_dict(position["encoder"])) if position else None,
-            device={item["column"]: encoder_from_dict(item["encoder"]) for item in data["device"]},  # type: ignore[misc]
+            position=(position["column"], cast(PositionEncoder, encoder_from_dict(position["encoder"])))
+            if position
+            else None,
+            device={
+                item["column"]: cast(VocabularyEncoder, encoder_from_dict(item["encoder"]))
+                for item in data["device"]
+            },
             group_column=data.get("group_column"),
         )
 
@@ -292,6 +298,7 @@ def read_source(data: DataConfig, path: str, columns: list[str]) -> pa.Table:
     join = data.join
     own_columns = columns
     side_columns: list[str] = []
+    side_path: Path | None = None
     if join is not None:
         side_path = resolve_path(join.path)
         side_names = read_table(
@@ -313,7 +320,7 @@ def read_source(data: DataConfig, path: str, columns: list[str]) -> pa.Table:
         missing_values=data.missing_values,
     )
     table = table.append_column(ROW_COLUMN, pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    if join is not None and side_columns:
+    if join is not None and side_path is not None and side_columns:
         side = read_table(
             side_path,
             file_format=join.format,

@@ -38,7 +38,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, TypeGuard, cast, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -260,16 +260,16 @@ class SimulationConfig:
 # Validation
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int | np.integer]:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[int | float | np.integer | np.floating]:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _check_positive_int(problems: list[str], name: str, value: object) -> None:
-    if not _is_int(value) or value < 1:  # type: ignore[operator]
+    if not _is_int(value) or value < 1:
         problems.append(f"`{name}` must be a positive integer, got {value!r}")
 
 
@@ -284,9 +284,9 @@ def _check_real(
     high_open: bool = False,
 ) -> None:
     """Append a problem unless ``value`` is a finite number inside the interval."""
-    valid = _is_real(value) and math.isfinite(value)  # type: ignore[arg-type]
-    if valid:
-        number = float(value)  # type: ignore[arg-type]
+    valid = False
+    if _is_real(value) and math.isfinite(value):
+        number = float(value)
         above = number > low if low_open else number >= low
         below = number < high if high_open else number <= high
         valid = above and below

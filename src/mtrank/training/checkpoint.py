@@ -77,7 +77,7 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         tensor = tensors[name].detach().cpu().contiguous()
         line = json.dumps([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
         digest.update(line.encode("utf-8") + b"\n")
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # (numel * itemsize,) bytes
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # (numel * itemsize,) bytes
     return digest.hexdigest()
 
 
