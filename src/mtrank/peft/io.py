@@ -28,10 +28,7 @@ from mtrank import __version__
 from mtrank.errors import ArtifactError, ConfigError
 from mtrank.peft.inject import PeftModel, PeftSetSpec
 from mtrank.peft.targets import find_site
-
-# NOTE: these safetensors helpers sit below training in concept but live in its package. Move them to
-# a module that both packages import once one exists.
-from mtrank.training.checkpoint import atomic_save_tensors, atomic_write_text, load_tensors
+from mtrank.tensor_io import atomic_save_tensors, atomic_write_text, load_tensors
 
 logger = logging.getLogger(__name__)
 
