@@ -21,6 +21,7 @@ from mtrank.training.metrics import (
     binary_auc,
     check_metric_names,
     compute_task_metrics,
+    expected_calibration_error,
     gauc,
     logloss,
     mae,
@@ -300,7 +301,7 @@ def test_ndcg_rejects_overflowing_gain() -> None:
 
 
 def test_metric_names_binary() -> None:
-    assert metric_names("binary") == ["auc", "gauc", "logloss", "mae", "mse", "ndcg@K", "rmse"]
+    assert metric_names("binary") == ["auc", "ece", "gauc", "logloss", "mae", "mse", "ndcg@K", "rmse"]
 
 
 def test_metric_names_regression() -> None:
@@ -358,7 +359,7 @@ def test_compute_regression_matches_sklearn() -> None:
 
 
 def test_compute_rejects_unknown_metric() -> None:
-    with pytest.raises(ConfigError, match=r"unknown metric `recall`; choose one of: auc, gauc, logloss"):
+    with pytest.raises(ConfigError, match=r"unknown metric `recall`; choose one of: auc, ece, gauc, logloss"):
         compute_task_metrics("binary", ["recall"], [0, 1], [0.2, 0.8])
 
 
@@ -398,3 +399,39 @@ def test_many_groups_run() -> None:
     assert auc_result.groups_used + auc_result.groups_skipped == n_groups
     assert ndcg_result.groups_used + ndcg_result.groups_skipped == n_groups
     assert 0.5 < auc_result.value < 1.0
+
+
+# --- expected calibration error ---------------------------------------------------------------
+
+
+def test_ece_zero_when_bins_match_rates() -> None:
+    # Each bin's mean prediction equals its label rate: 0.25 in the third bin, 0.75 in the eighth.
+    labels = [1, 0, 0, 0, 1, 1, 1, 0]
+    probs = [0.25] * 4 + [0.75] * 4
+    assert expected_calibration_error(labels, probs) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_matches_hand_computation() -> None:
+    # Bin 0: label mean 0, prob mean 0.05 -> 0.05 * 1/4; bin 9: 1 vs 0.95 -> 0.05 * 3/4.
+    assert expected_calibration_error([0, 1, 1, 1], [0.05, 0.95, 0.95, 0.95]) == pytest.approx(0.05)
+
+
+def test_ece_probability_one_in_last_bin() -> None:
+    assert expected_calibration_error([1, 1], [1.0, 0.95]) == pytest.approx(0.025)
+
+
+def test_ece_constant_prediction_is_rate_gap() -> None:
+    # One bin holds every row, so the error is |observed rate - prediction|.
+    rng = np.random.default_rng(3)
+    labels = (rng.random(10_000) < 0.2).astype(np.float64)
+    assert expected_calibration_error(labels, np.full(10_000, 0.5)) == pytest.approx(abs(labels.mean() - 0.5))
+
+
+def test_ece_rejects_probability_out_of_range() -> None:
+    with pytest.raises(DataError, match="ece `probs` must be in \\[0, 1\\]"):
+        expected_calibration_error([0, 1], [0.5, 1.5])
+
+
+def test_ece_through_registry() -> None:
+    values = compute_task_metrics("binary", ["ece"], [0, 1, 1, 1], [0.05, 0.95, 0.95, 0.95])
+    assert values["ece"] == pytest.approx(0.05)

@@ -345,6 +345,54 @@ def mae(labels: npt.ArrayLike, predictions: npt.ArrayLike) -> float:
     return float(np.mean(np.abs(prediction_array - label_array)))
 
 
+# Equal-width probability bins of the expected calibration error; 10 is the common choice
+# (Naeini, Cooper and Hauskrecht, AAAI 2015; Guo et al., "On Calibration of Modern Neural Networks",
+# ICML 2017).
+ECE_BINS = 10
+
+
+def expected_calibration_error(
+    labels: npt.ArrayLike, probs: npt.ArrayLike, num_bins: int = ECE_BINS
+) -> float:
+    """Compute the expected calibration error of predicted probabilities over equal-width bins.
+
+    Rows are binned by predicted probability into ``num_bins`` intervals of ``[0, 1]``; the error is
+    ``sum_b (n_b / N) * |mean label_b - mean prob_b|``. 0 means the mean prediction matches the
+    observed rate in every bin, which is what combining task scores by weights assumes.
+
+    Args:
+        labels: ``(N,)`` labels in [0, 1].
+        probs: ``(N,)`` predicted probabilities in [0, 1].
+        num_bins: number of bins, at least 1.
+
+    Returns:
+        The error, in [0, 1].
+
+    Raises:
+        DataError: invalid inputs as for :func:`logloss`.
+        ConfigError: ``num_bins`` is below 1.
+
+    Example:
+        >>> round(expected_calibration_error([0, 1, 1, 1], [0.05, 0.95, 0.95, 0.95]), 6)
+        0.05
+    """
+    if num_bins < 1:
+        raise ConfigError([f"expected calibration error needs at least 1 bin, got {num_bins!r}"])
+    label_array = _as_1d_float(labels, "labels")
+    prob_array = _as_1d_float(probs, "probs")
+    _check_lengths(labels=label_array, probs=prob_array)
+    for argument, array in (("labels", label_array), ("probs", prob_array)):
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise DataError(
+                f"ece `{argument}` must be in [0, 1], got values from {float(array.min())} to {float(array.max())}"
+            )
+    # A probability of exactly 1 belongs to the last bin, not to a bin of its own.
+    bins = np.minimum((prob_array * num_bins).astype(np.int64), num_bins - 1)
+    label_sums = np.bincount(bins, weights=label_array, minlength=num_bins)
+    prob_sums = np.bincount(bins, weights=prob_array, minlength=num_bins)
+    return float(np.abs(label_sums - prob_sums).sum() / label_array.size)
+
+
 # ---------------------------------------------------------------------------------------------
 # NDCG@k
 # ---------------------------------------------------------------------------------------------
@@ -537,6 +585,15 @@ METRICS: dict[str, MetricInfo] = {
         greater_is_better=False,
         description="binary cross-entropy of the predicted probabilities",
         compute=lambda labels, predictions, groups, cutoff, task: logloss(labels, predictions),
+    ),
+    "ece": MetricInfo(
+        task_types=_BINARY,
+        needs_groups=False,
+        greater_is_better=False,
+        description=f"expected calibration error over {ECE_BINS} equal-width probability bins",
+        compute=lambda labels, predictions, groups, cutoff, task: expected_calibration_error(
+            labels, predictions
+        ),
     ),
     "mse": MetricInfo(
         task_types=_ALL_TASKS,
