@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from mtrank.embeddings import EMBEDDING_KINDS, build_embedding
@@ -278,3 +280,29 @@ def test_same_buckets_across_processes_and_hash_seeds() -> None:
     second = _buckets_in_subprocess(ids, hash_seed="2024")
     assert first == second
     assert first == UniversalHashFamily(16, 1_000_000, seed=7)(torch.tensor(ids)).tolist()
+
+
+# --- property-based checks against the big-integer reference ------------------------------------
+
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(INT64, min_size=1, max_size=20),
+    num_buckets=st.integers(min_value=1, max_value=MERSENNE_PRIME_61),
+    num_hashes=st.integers(min_value=1, max_value=4),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_family_matches_reference_for_any_ids(values, num_buckets, num_hashes, seed) -> None:
+    family = UniversalHashFamily(num_hashes=num_hashes, num_buckets=num_buckets, seed=seed)
+    buckets = family(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert buckets == reference_buckets(family, values)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(INT64, min_size=1, max_size=20), num_buckets=st.integers(min_value=1, max_value=10**6))
+def test_family_buckets_in_range(values, num_buckets) -> None:
+    buckets = UniversalHashFamily(num_hashes=3, num_buckets=num_buckets, seed=1)(torch.tensor(values))
+    assert int(buckets.min()) >= 0
+    assert int(buckets.max()) < num_buckets

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import (
     log_loss,
     mean_absolute_error,
@@ -435,3 +437,33 @@ def test_ece_rejects_probability_out_of_range() -> None:
 def test_ece_through_registry() -> None:
     values = compute_task_metrics("binary", ["ece"], [0, 1, 1, 1], [0.05, 0.95, 0.95, 0.95])
     assert values["ece"] == pytest.approx(0.05)
+
+
+# --- property-based checks against scikit-learn --------------------------------------------------
+
+# Scores on a coarse grid so that ties, which AUC must count as half, are frequent.
+TIED_SCORES = st.integers(min_value=0, max_value=5).map(lambda value: value / 5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(min_value=0, max_value=1), TIED_SCORES), min_size=2, max_size=60))
+def test_auc_matches_sklearn_with_ties(rows) -> None:
+    labels = [label for label, _ in rows]
+    scores = [score for _, score in rows]
+    assume(len(set(labels)) == 2)  # AUC is undefined with one class
+    assert binary_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=1), st.floats(min_value=0.0, max_value=1.0)),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_ece_bounded_by_mean_absolute_gap(rows) -> None:
+    labels = np.array([label for label, _ in rows], dtype=np.float64)
+    probs = np.array([prob for _, prob in rows], dtype=np.float64)
+    # Binning can only cancel errors inside a bin, so ECE never exceeds the per-row mean gap.
+    assert expected_calibration_error(labels, probs) <= float(np.mean(np.abs(labels - probs))) + 1e-12
