@@ -90,6 +90,27 @@ def train(
 
 @app.command()
 @friendly_errors
+def check(config: Path = typer.Argument(..., help="YAML run config.")) -> None:
+    """Validate a run config and check its data files' columns, without reading rows or training."""
+    from mtrank.config import load_config
+    from mtrank.data.preflight import check_data_files
+    from mtrank.errors import ConfigError
+
+    run_config = load_config(config)
+    report = check_data_files(run_config)
+    for entry in report.files:
+        stdout.print(f"{entry.role}: {entry.path} ({len(entry.columns)} columns)", soft_wrap=True)
+    if report.problems:
+        raise ConfigError(report.problems, source=str(config))
+    stdout.print(
+        f"{config}: valid; {len(run_config.features)} features, {len(run_config.tasks)} tasks, "
+        "every needed column found",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@friendly_errors
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     data: str | None = typer.Option(
