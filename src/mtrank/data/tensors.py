@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,14 @@ class Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
+    def select(self, rows: torch.Tensor) -> Batch:
+        """Return the rows at ``rows``, a ``(R,)`` int64 index, with one gather per tensor."""
+        selected: dict[str, Any] = {}
+        for f in fields(self):
+            tensor = getattr(self, f.name)
+            selected[f.name] = tensor.index_select(0, rows) if tensor is not None else None
+        return Batch(**selected)
+
 
 @dataclass
 class EncodedData:
@@ -60,10 +69,23 @@ class EncodedData:
     def __len__(self) -> int:
         return len(self.batch)
 
+    def slice(self, start: int, stop: int) -> EncodedData:
+        """Return rows ``start .. stop - 1`` as views of the tensors and arrays, without copying."""
+        parts: dict[str, Any] = {}
+        for f in fields(self.batch):
+            tensor = getattr(self.batch, f.name)
+            parts[f.name] = tensor[start:stop] if tensor is not None else None
+        return EncodedData(
+            batch=Batch(**parts),
+            row_ids=self.row_ids[start:stop],
+            groups=self.groups[start:stop] if self.groups is not None else None,
+            extras={k: v[start:stop] for k, v in self.extras.items()},
+        )
+
     def take(self, index: np.ndarray) -> EncodedData:
         """Return the rows at ``index`` (a gather on every tensor, no per-row Python)."""
         rows = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
-        parts = {
+        parts: dict[str, Any] = {
             f.name: (
                 getattr(self.batch, f.name).index_select(0, rows)
                 if getattr(self.batch, f.name) is not None
@@ -92,7 +114,7 @@ def iterate_batches(
     order = torch.randperm(total, generator=generator) if shuffle else None
     for start in range(0, total, batch_size):
         stop = min(start + batch_size, total)
-        parts = {}
+        parts: dict[str, Any] = {}
         for f in fields(source):
             tensor = getattr(source, f.name)
             if tensor is None:

@@ -8,13 +8,16 @@ Layout of a run directory::
     metrics.json       per-epoch train/validation metrics and the final test metrics
     train.log          the run's log
     checkpoints/       the latest complete checkpoints, for --resume
+
+Under ``torchrun`` with more than one process, :func:`train_run` joins the process group, every
+rank reads and encodes the data, and only rank 0 writes these files.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +32,15 @@ from mtrank.models.builder import build_ranker
 from mtrank.models.ranker import MultiTaskRanker
 from mtrank.peft import PeftModel
 from mtrank.training.checkpoint import atomic_write_text, load_tensors
+from mtrank.training.distributed import (
+    DeviceChoice,
+    DistributedContext,
+    barrier,
+    broadcast_object,
+    distributed_session,
+)
 from mtrank.training.evaluation import Metrics
-from mtrank.training.progress import Progress
+from mtrank.training.progress import NoProgress, Progress
 from mtrank.training.trainer import WEIGHTS_FILE, FitResult, Trainer
 
 logger = logging.getLogger(__name__)
@@ -77,35 +87,80 @@ def train_run(
     progress: Progress | None = None,
     stop_after: int | None = None,
     overwrite: bool = True,
+    device: DeviceChoice = "auto",
 ) -> RunResult:
     """Prepare data, build the ranker, train it, evaluate on the test split and save the artifact.
 
+    Launched by ``torchrun`` with ``WORLD_SIZE`` above 1, it joins the process group for the run
+    (unless the caller already did) and trains with DistributedDataParallel. Rank 0 alone checks
+    and writes ``run_dir`` and draws progress. Every rank returns the same metrics once rank 0 has
+    written all files.
+
     Args:
-        config: validated run config.
+        config: validated run config, whose ``training.batch_size`` is per process.
         run_dir: the artifact directory (created if needed).
-        resume: continue from the latest checkpoint in ``run_dir``.
+        resume: continue from the latest checkpoint in ``run_dir``. With several machines, every
+            machine must see the run directory at the same path.
         progress: progress hook for the CLI.
         stop_after: stop after this many epochs (for interruption tests).
+        overwrite: replace a finished run in ``run_dir`` instead of raising.
+        device: under ``torchrun`` with several processes, ``auto`` (CUDA when available), ``cpu``
+            or ``cuda``. A single process always trains on the CPU.
+
+    Raises:
+        ArtifactError: ``run_dir`` cannot be used (see :func:`check_run_dir`). In a distributed run,
+            every rank raises it when rank 0 rejects the directory.
     """
-    check_run_dir(config, run_dir, resume=resume, overwrite=overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config.training.num_threads:
-        torch.set_num_threads(config.training.num_threads)
-    with log_to_file(run_dir / LOG_FILE):
-        logger.info("run %s: writing to %s", config.name, run_dir)
-        data = prepare_data(config)
-        atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
-        atomic_write_text(run_dir / ENCODERS_FILE, _encoders_json(data.encoders))
-        torch.manual_seed(config.seed)
-        model = build_ranker(config, data.encoders)
-        logger.info("model: %d parameters", sum(p.numel() for p in model.parameters()))
-        trainer = Trainer(model, config, run_dir=run_dir, progress=progress)
-        fit = trainer.fit(data.train, data.valid, resume=resume, stop_after=stop_after)
-        test_metrics = trainer.evaluate(data.test, "test")
-        trainer.write_metrics(fit, test_metrics)
-        for task, values in test_metrics.items():
-            logger.info("test %s: %s", task, " ".join(f"{k}={v:.5f}" for k, v in values.items()))
+    with distributed_session(device) as context:
+        _check_run_dir_on_main(config, run_dir, context, resume=resume, overwrite=overwrite)
+        if config.training.num_threads:
+            torch.set_num_threads(config.training.num_threads)
+        if not context.is_main:
+            progress = NoProgress()
+        run_log: AbstractContextManager[None] = (
+            log_to_file(run_dir / LOG_FILE) if context.is_main else nullcontext()
+        )
+        with run_log:
+            logger.info("run %s: writing to %s", config.name, run_dir)
+            data = prepare_data(config)
+            if context.is_main:
+                atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
+                atomic_write_text(run_dir / ENCODERS_FILE, _encoders_json(data.encoders))
+            torch.manual_seed(config.seed)
+            model = build_ranker(config, data.encoders)
+            logger.info("model: %d parameters", sum(p.numel() for p in model.parameters()))
+            trainer = Trainer(model, config, run_dir=run_dir, progress=progress)
+            fit = trainer.fit(data.train, data.valid, resume=resume, stop_after=stop_after)
+            test_metrics = trainer.evaluate(data.test, "test")
+            trainer.write_metrics(fit, test_metrics)
+            for task, values in test_metrics.items():
+                logger.info("test %s: %s", task, " ".join(f"{k}={v:.5f}" for k, v in values.items()))
+        # The other ranks return only once rank 0 has written metrics.json.
+        barrier()
     return RunResult(run_dir, model, data, fit, test_metrics)
+
+
+def _check_run_dir_on_main(
+    config: RunConfig, run_dir: Path, context: DistributedContext, *, resume: bool, overwrite: bool
+) -> None:
+    """Check and create ``run_dir`` on rank 0, and raise its error on every rank when it fails.
+
+    Rank 0 decides alone, so ranks on machines that do not share the run directory cannot disagree.
+    """
+    problem: ArtifactError | None = None
+    if context.is_main:
+        try:
+            check_run_dir(config, run_dir, resume=resume, overwrite=overwrite)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except ArtifactError as exc:
+            if not context.is_distributed:
+                raise
+            problem = exc
+    message = broadcast_object(None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    if message is not None:
+        raise ArtifactError(f"rank 0 rejected the run directory: {message}")
 
 
 def check_run_dir(config: RunConfig, run_dir: Path, *, resume: bool, overwrite: bool) -> None:

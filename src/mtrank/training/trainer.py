@@ -7,6 +7,10 @@ Files the trainer writes into its run directory::
     task_weights.png   task weights and unweighted losses per step (needs matplotlib)
     model.safetensors  the kept (best or last) weights
     checkpoints/       the latest complete checkpoints, for resuming
+
+Under ``torchrun`` with more than one process, the model is wrapped in ``DistributedDataParallel``,
+each rank trains on its part of every step's rows (see :mod:`mtrank.training.distributed`) and only
+rank 0 writes these files.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtrank.balancing.base import all_reduce_mean_
 from mtrank.config.schema import RunConfig, TaskConfig, TrainingConfig
-from mtrank.data.tensors import EncodedData, iterate_batches
+from mtrank.data.tensors import Batch, EncodedData, iterate_batches
 from mtrank.errors import ArtifactError, ConfigError
 from mtrank.training.checkpoint import (
     atomic_save_tensors,
@@ -38,8 +43,16 @@ from mtrank.training.checkpoint import (
     read_latest,
     write_checkpoint,
 )
-from mtrank.training.evaluation import Metrics, evaluate_model
-from mtrank.training.losses import task_loss_list
+from mtrank.training.distributed import (
+    all_gather_rows,
+    barrier,
+    broadcast_object,
+    current_context,
+    epoch_steps,
+    shard_range,
+)
+from mtrank.training.evaluation import Metrics, evaluate_model, evaluate_predictions
+from mtrank.training.losses import task_loss_list, to_predictions
 from mtrank.training.progress import NoProgress, Progress
 
 logger = logging.getLogger(__name__)
@@ -52,6 +65,10 @@ CHECKPOINTS = "checkpoints"
 # Per-epoch seeds are derived from the run seed with this stride, so epoch k's shuffling and dropout
 # are the same whether the run was resumed or not.
 EPOCH_SEED_STRIDE = 1_000_003
+# Rank r adds RANK_SEED_STEP * r to its epoch seed, so ranks draw different dropout and position-drop
+# masks, and rank 0 draws those of a single process. With a step of 2, no rank's seed equals the
+# shuffle seed (epoch seed + 1), and below 500,000 ranks no two (epoch, rank) pairs share a seed.
+RANK_SEED_STEP = 2
 # The error for an unknown `shared_layer` prefix lists the model's layer names. Past this many, it
 # gives the count of the remaining layers instead.
 MAX_LISTED_LAYERS = 80
@@ -271,8 +288,21 @@ class Trainer:
     ``training.balancer.options.shared_layer`` names parameter prefixes, such as
     ``backbone.experts.0`` (one prefix or a list). W's parameter names are logged at start.
 
+    Distributed data parallel: when a process group of more than one rank is initialised (see
+    :func:`mtrank.training.distributed.distributed_session`), the model is moved to the rank's device
+    and wrapped in ``DistributedDataParallel``. ``training.batch_size`` is then the batch of each rank,
+    so a step reads ``batch_size * world_size`` rows. Each rank scales its task losses by its share of
+    the step's labelled rows, so the gradient DDP averages is the gradient of the mean loss over the
+    whole step. The values in the step log and the epoch records are means over ranks. Validation
+    predictions of all ranks are gathered, and rank 0 computes the metrics from all of them and sends
+    them to the other ranks, so every rank takes the same early-stopping decision. Only rank 0 writes
+    the run directory. GradNorm measures the gradient norms G_i on each rank's own rows, and
+    ``LossBalancer.step`` averages the task-weight gradient over ranks, so the weights stay identical
+    on every rank.
+
     Args:
-        model: the ranker (or any module with the same ``forward``).
+        model: the ranker (or any module with the same ``forward``). In a distributed run it is
+            moved to the rank's device in place.
         config: the run config (tasks, training settings, seed).
         run_dir: where checkpoints and metrics go; ``None`` keeps everything in memory.
         trainable: parameters to optimise; all parameters that require grad by default. PEFT
@@ -291,11 +321,18 @@ class Trainer:
     ) -> None:
         from mtrank.balancing import build_balancer
 
+        self.context = current_context()
+        distributed = self.context.is_distributed
+        if distributed:
+            # Moved before the optimizer is built, although `Module.to` keeps the same parameter objects.
+            model.to(self.context.device)
         self.model = model
         self.config = config
         self.tasks: list[TaskConfig] = list(config.tasks)
         self.loss_kinds = [t.loss or "bce" for t in self.tasks]
         self.run_dir = run_dir
+        # Only rank 0 writes files. The other ranks only read checkpoints, when resuming.
+        self.writes_files = run_dir is not None and self.context.is_main
         self.progress = progress or NoProgress()
         params = (
             list(trainable) if trainable is not None else [p for p in model.parameters() if p.requires_grad]
@@ -310,6 +347,8 @@ class Trainer:
         self.balancer = build_balancer(
             balancer_config.name, [t.name for t in self.tasks], [t.type for t in self.tasks], options
         )
+        if distributed:
+            self.balancer.to(self.context.device)
         self.shared_parameters: list[nn.Parameter] = []
         if self.balancer.needs_shared_parameters:
             self.shared_parameters = self._shared_parameters(shared_layer)
@@ -320,6 +359,11 @@ class Trainer:
                     "use a shared layer; remove the option (only gradnorm reads it)"
                 ]
             )
+        # The module the training steps call: DDP around the model in a distributed run, else the model.
+        self.network: nn.Module = model
+        if distributed:
+            device_ids = [self.context.device] if self.context.device.type == "cuda" else None
+            self.network = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.epoch_steps = StepStats()
 
     def _shared_parameters(self, prefixes: object) -> list[nn.Parameter]:
@@ -351,46 +395,73 @@ class Trainer:
             FloatingPointError: the balanced loss of a step is not finite.
         """
         config = self.config
-        torch.manual_seed(config.seed + EPOCH_SEED_STRIDE * epoch)
+        context = self.context
+        torch.manual_seed(config.seed + EPOCH_SEED_STRIDE * epoch + RANK_SEED_STEP * context.rank)
         generator = torch.Generator().manual_seed(config.seed + EPOCH_SEED_STRIDE * epoch + 1)
         self.model.train()
         loss_sum = torch.zeros(len(self.tasks), dtype=torch.float64)
         total_sum = 0.0
         steps = 0
         batch_size = config.training.batch_size
-        # Batch norm cannot normalise a single row in training mode, so a last batch of one row is left
-        # out of the epoch. Shuffling makes it a different row each epoch.
+        # Batch norm cannot normalise a single row in training mode. One process leaves a last batch of
+        # one row out of the epoch (shuffling makes it a different row each epoch). Several processes
+        # give every rank at least two rows per step instead.
         skip_single_row = any(isinstance(m, (nn.BatchNorm1d, nn.SyncBatchNorm)) for m in self.model.modules())
         self.epoch_steps = StepStats()
         log_steps = logger.isEnabledFor(logging.DEBUG)
-        self.progress.start(f"epoch {epoch}", math.ceil(len(data) / batch_size))
-        for batch in iterate_batches(data, batch_size, shuffle=True, generator=generator):
+        batches: Iterator[tuple[Batch, torch.Tensor | None]]
+        if context.is_distributed:
+            plan = epoch_steps(
+                len(data),
+                batch_size,
+                context.world_size,
+                generator=generator,
+                min_rows_per_rank=2 if skip_single_row else 1,
+            )
+            batches = self._rank_batches(data, plan)
+            num_batches = len(plan)
+        else:
+            batches = (
+                (batch, None)
+                for batch in iterate_batches(data, batch_size, shuffle=True, generator=generator)
+            )
+            num_batches = math.ceil(len(data) / batch_size)
+        self.progress.start(f"epoch {epoch}", num_batches)
+        for batch, loss_scales in batches:
             assert batch.labels is not None  # training data is always encoded with labels
             if skip_single_row and len(batch) == 1:
                 logger.debug("epoch %d: skipped a last batch of one row (batch norm needs two)", epoch)
                 self.progress.advance()
                 continue
-            output = self.model(batch)
+            output = self.network(batch)
             loss_list = task_loss_list(
                 output.logits, batch.labels, self.loss_kinds, batch.label_mask
             )  # T scalars
+            if loss_scales is not None:
+                loss_list = [
+                    loss * scale for loss, scale in zip(loss_list, loss_scales.unbind(0), strict=True)
+                ]
             losses = torch.stack([loss.detach() for loss in loss_list])  # (T,)
             self.optimizer.zero_grad(set_to_none=True)
             self.balancer.zero_grad(set_to_none=True)
             total = self.balancer.combine(loss_list, self.shared_parameters)
             # Read now, before balancer.step() changes the weights: these are the weights of this step.
             stats = self.balancer.last_stats()
-            if not torch.isfinite(total):
+            stats["loss/total"] = float(total.detach())
+            if context.is_distributed:
+                # A non-finite loss on any rank makes the mean non-finite, so every rank raises below.
+                stats = self._mean_over_ranks(stats)
+                losses = torch.tensor([stats[f"loss/{t.name}"] for t in self.tasks], dtype=torch.float64)
+            if not math.isfinite(stats["loss/total"]):
                 per_task = dict(zip([t.name for t in self.tasks], losses.tolist(), strict=True))
                 raise FloatingPointError(
-                    f"epoch {epoch}, step {steps}: the total loss is {total.item()} "
+                    f"epoch {epoch}, step {steps}: the total loss is {stats['loss/total']} "
                     f"(per task: {per_task}); lower `training.lr`"
                 )
             total.backward()
             self.optimizer.step()
             self.balancer.step()
             loss_sum += losses.detach().double()
-            stats["loss/total"] = float(total.detach())
             total_sum += stats["loss/total"]
             self.epoch_steps.append(stats)
             if log_steps:
@@ -399,7 +470,7 @@ class Trainer:
             self.progress.advance()
         self.progress.stop()
         mean_losses = loss_sum / max(steps, 1)
-        self.balancer.end_epoch(mean_losses.float())
+        self.balancer.end_epoch(mean_losses.float().to(context.device))
         weights = self.balancer.weights().detach()
         record = {f"loss/{t.name}": float(mean_losses[i]) for i, t in enumerate(self.tasks)}
         record.update({f"weight/{t.name}": float(weights[i]) for i, t in enumerate(self.tasks)})
@@ -409,16 +480,80 @@ class Trainer:
                 record[key] = self.epoch_steps.mean(key)
         return record
 
+    def _rank_batches(
+        self, data: EncodedData, plan: Sequence[torch.Tensor]
+    ) -> Iterator[tuple[Batch, torch.Tensor]]:
+        """Yield this rank's rows of each step, on its device, with the ``(T,)`` scales of its task losses.
+
+        Task i's loss on rank r is the mean over its m_ri labelled rows. Scaling it by W * m_ri / m_i,
+        with m_i the labelled rows of the whole step, makes the mean over ranks that DDP takes equal
+        the mean over the step's m_i rows. A task with no labelled rows in the step gets scale 0.
+        """
+        context = self.context
+        world_size = context.world_size
+        mask = data.batch.label_mask
+        for step in plan:
+            start, stop = shard_range(len(step), world_size, context.rank)
+            if mask is None:
+                local = torch.full((len(self.tasks),), float(stop - start), dtype=torch.float64)
+                total = torch.full((len(self.tasks),), float(len(step)), dtype=torch.float64)
+            else:
+                step_mask = mask.index_select(0, step).double()  # (G, T)
+                local = step_mask[start:stop].sum(dim=0)  # (T,)
+                total = step_mask.sum(dim=0)  # (T,)
+            scales = world_size * local / total.clamp(min=1.0)  # (T,)
+            batch = data.batch.select(step[start:stop]).to(context.device)
+            yield batch, scales.float().to(context.device)
+
+    def _mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """Average one step's statistics over ranks with a single all-reduce."""
+        keys = list(stats)
+        values = torch.tensor([stats[key] for key in keys], dtype=torch.float64, device=self.context.device)
+        all_reduce_mean_(values)
+        return dict(zip(keys, values.tolist(), strict=True))
+
     def evaluate(self, data: EncodedData, split: str = "") -> Metrics:
-        """Per-task metrics of the current model on ``data``."""
-        return evaluate_model(
-            self.model,
-            data,
-            self.tasks,
-            self.config.evaluation.group_column,
-            batch_size=self.config.training.eval_batch_size,
-            split=split,
-        )
+        """Per-task metrics of the current model on all rows of ``data``.
+
+        In a distributed run each rank scores a contiguous part of the rows, rank 0 computes the
+        metrics from the gathered predictions of every row, and every rank returns rank 0's result.
+        """
+        if not self.context.is_distributed:
+            return evaluate_model(
+                self.model,
+                data,
+                self.tasks,
+                self.config.evaluation.group_column,
+                batch_size=self.config.training.eval_batch_size,
+                split=split,
+            )
+        context = self.context
+        start, stop = shard_range(len(data), context.world_size, context.rank)
+        local = self._predict(data.slice(start, stop))  # (n_r, T)
+        predictions = all_gather_rows(local).cpu().numpy()  # (N, T), rows in split order
+        metrics: Metrics | None = None
+        if context.is_main:
+            metrics = evaluate_predictions(
+                predictions, data, self.tasks, self.config.evaluation.group_column, split
+            )
+        received = broadcast_object(metrics)
+        assert received is not None  # rank 0 always sends its metrics
+        return received
+
+    @torch.no_grad()
+    def _predict(self, data: EncodedData) -> torch.Tensor:
+        """Score ``data`` in eval mode on this rank's device and return ``(N, T)`` float64 predictions."""
+        was_training = self.model.training
+        self.model.eval()
+        device = self.context.device
+        parts = [
+            to_predictions(self.model(batch.to(device)).logits, self.loss_kinds).double()
+            for batch in iterate_batches(data, self.config.training.eval_batch_size)
+        ]
+        self.model.train(was_training)
+        if not parts:
+            return torch.zeros((0, len(self.tasks)), dtype=torch.float64, device=device)
+        return torch.cat(parts, dim=0)
 
     # ------------------------------------------------------------------------------------------------
     def fit(
@@ -452,7 +587,8 @@ class Trainer:
         start_epoch = 1
         if resume:
             start_epoch, best_state, bad_epochs = self._resume(result)
-        elif self.run_dir is not None:
+        elif self.writes_files:
+            assert self.run_dir is not None  # writes_files implies a run directory
             atomic_write_text(self.run_dir / STEPS_FILE, "")
 
         epochs_run = 0
@@ -493,6 +629,8 @@ class Trainer:
             else:
                 bad_epochs += 1
             self._checkpoint(epoch, result, best_state, bad_epochs)
+            # No rank starts the next epoch before rank 0 has written this epoch's checkpoint.
+            barrier()
             epochs_run += 1
             if stopping is not None and bad_epochs >= stopping.patience:
                 logger.info(
@@ -511,14 +649,16 @@ class Trainer:
 
         if best_state is not None:
             self.model.load_state_dict(best_state)
-        if self.run_dir is not None:
+        if self.writes_files:
+            assert self.run_dir is not None  # writes_files implies a run directory
             atomic_save_tensors(self.run_dir / WEIGHTS_FILE, self.model.state_dict())
             self._plot_weights()
+        barrier()
         return result
 
     def _append_step_log(self, epoch: int) -> None:
         """Append the finished epoch's steps to ``steps.jsonl``, one JSON object per line."""
-        if self.run_dir is None:
+        if not self.writes_files or self.run_dir is None:
             return
         lines = [
             json.dumps(finite_json({"epoch": epoch, "step": index, **row}), allow_nan=False) + "\n"
@@ -589,7 +729,7 @@ class Trainer:
     def _checkpoint(
         self, epoch: int, result: FitResult, best_state: dict[str, torch.Tensor] | None, bad_epochs: int
     ) -> None:
-        if self.run_dir is None:
+        if not self.writes_files or self.run_dir is None:
             return
         extra = {f"balancer.{k}": v for k, v in self.balancer.state_dict().items()}
         balancer_optimizer = getattr(self.balancer, "optimizer", None)
@@ -640,7 +780,8 @@ class Trainer:
             tensors = {k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)}
             optimizer_from_tensors(balancer_optimizer, tensors, state["balancer_optimizer"])
         best = {k[len("best.") :]: v for k, v in extra.items() if k.startswith("best.")} or None
-        self._truncate_step_log(int(state["epoch"]))
+        if self.writes_files:
+            self._truncate_step_log(int(state["epoch"]))
         result.best_epoch = state["best_epoch"]
         result.best_value = state["best_value"]
         result.history = [_record_from_json(r) for r in state["history"]]
@@ -648,8 +789,11 @@ class Trainer:
         return int(state["epoch"]) + 1, best, int(state["bad_epochs"])
 
     def write_metrics(self, result: FitResult, test: Metrics | None = None) -> None:
-        """Write ``metrics.json``: per-epoch history, best epoch and (when given) test metrics."""
-        if self.run_dir is None:
+        """Write ``metrics.json``: per-epoch history, best epoch and (when given) test metrics.
+
+        Only rank 0 writes it in a distributed run, and the call does nothing on the other ranks.
+        """
+        if not self.writes_files or self.run_dir is None:
             return
         payload: dict[str, Any] = {
             "best_epoch": result.best_epoch,
