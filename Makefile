@@ -23,6 +23,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy src
 	$(PY) -m pytest -q
 
 test-fast: install
@@ -31,6 +32,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy src
 
 kuairand: install
 	$(VENV)/bin/mtrank train examples/kuairand.yaml

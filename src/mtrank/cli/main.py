@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import typer
 from pydantic import ValidationError
 
 from mtrank.cli.console import RichProgress, console, metrics_table, setup_logging, stdout
 from mtrank.errors import MtrankError
+
+if TYPE_CHECKING:
+    from mtrank.training.distributed import DeviceChoice
 
 app = typer.Typer(
     name="mtrank",
@@ -58,7 +62,9 @@ def main_options(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
 ) -> None:
-    setup_logging(verbose, quiet)
+    # Under torchrun, ranks other than 0 log warnings only, so the terminal shows one progress log.
+    rank = os.environ.get("RANK", "0")
+    setup_logging(verbose, quiet or (rank.isdigit() and int(rank) > 0))
 
 
 @app.command()
@@ -73,19 +79,38 @@ def train(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in the run directory."),
     epochs: int | None = typer.Option(None, "--epochs", help="Override training.epochs."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA when available, per local rank under torchrun), cpu or cuda."
+    ),
 ) -> None:
-    """Train a ranker from a YAML config and report per-task test metrics."""
+    """Train a ranker from a YAML config and report per-task test metrics.
+
+    Under torchrun (`torchrun --nproc-per-node N -m mtrank train CONFIG`) each process trains on its
+    shard of every step; rank 0 writes the run directory and prints the results.
+    """
     from mtrank.config import load_config
+    from mtrank.errors import ConfigError
+    from mtrank.training.distributed import is_main_process
     from mtrank.training.run import train_run
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError([f"--device must be auto, cpu or cuda, got {device!r}"], source="mtrank train")
     run_config = load_config(config)
     if epochs is not None:
         run_config.training.epochs = epochs
     target = run_dir or Path("runs") / run_config.name
     started = time.perf_counter()
-    result = train_run(run_config, target, resume=resume, overwrite=overwrite, progress=RichProgress())
-    stdout.print(metrics_table(f"test metrics ({run_config.name})", result.test_metrics))
-    stdout.print(f"run directory: {target}  ({time.perf_counter() - started:.1f} s)")
+    result = train_run(
+        run_config,
+        target,
+        resume=resume,
+        overwrite=overwrite,
+        progress=RichProgress(),
+        device=cast("DeviceChoice", device),
+    )
+    if is_main_process():
+        stdout.print(metrics_table(f"test metrics ({run_config.name})", result.test_metrics))
+        stdout.print(f"run directory: {target}  ({time.perf_counter() - started:.1f} s)")
 
 
 @app.command()
