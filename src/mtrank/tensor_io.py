@@ -35,6 +35,23 @@ _files_without_digest: set[str] = set()
 _files_without_digest_lock = threading.Lock()
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it, so set it back at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_default_mode(path: Path) -> None:
+    """Give a file or folder made by ``tempfile`` (mode 0600 or 0700) the mode a plain ``open`` gives.
+
+    Temporary files are private on purpose, but a run directory is read by other users and services
+    (a model server running under its own account), so the renamed result follows the umask.
+    """
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_current_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +61,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
+        apply_default_mode(Path(temporary))
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -97,6 +115,8 @@ def save_tensors(
         )
     cpu = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     save_file(cpu, str(path), metadata={**(metadata or {}), DIGEST_METADATA_KEY: tensor_digest(cpu)})
+    # safetensors creates its files with mode 0600.
+    apply_default_mode(path)
 
 
 def atomic_save_tensors(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from mtrank.errors import ArtifactError
 from mtrank.training.checkpoint import (
     DIGEST_METADATA_KEY,
     atomic_save_tensors,
+    atomic_write_text,
     load_tensors,
     tensor_digest,
     write_checkpoint,
@@ -306,3 +309,29 @@ def test_corrupt_run_weights_rejected(run_dir: Path, tmp_path: Path) -> None:
 
     with pytest.raises(ArtifactError, match=rf"{WEIGHTS_FILE} is corrupt"):
         load_run(copy)
+
+
+# --- file modes -------------------------------------------------------------------------------------
+
+
+def test_written_files_follow_umask(tmp_path: Path) -> None:
+    # Temporary files are created 0600; the renamed results must be readable as a plain open's are.
+    previous = os.umask(0o022)
+    try:
+        atomic_save_tensors(tmp_path / "w.safetensors", {"w": torch.ones(2)})
+        atomic_write_text(tmp_path / "a.json", "{}")
+        folder = write_checkpoint(
+            tmp_path / "checkpoints",
+            epoch=1,
+            model={"w": torch.ones(2)},
+            optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1),
+            extra_tensors={},
+            state={},
+        )
+    finally:
+        os.umask(previous)
+    modes = {
+        path.name: stat.S_IMODE(path.stat().st_mode)
+        for path in (tmp_path / "w.safetensors", tmp_path / "a.json", folder, folder / "model.safetensors")
+    }
+    assert modes == {"w.safetensors": 0o644, "a.json": 0o644, "epoch-0001": 0o755, "model.safetensors": 0o644}

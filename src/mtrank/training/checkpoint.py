@@ -24,6 +24,7 @@ from mtrank.errors import ArtifactError
 from mtrank.tensor_io import (
     DIGEST_LAYOUT,
     DIGEST_METADATA_KEY,
+    apply_default_mode,
     atomic_save_tensors,
     atomic_write_text,
     load_tensors,
@@ -116,6 +117,7 @@ def write_checkpoint(
         for file in staging.iterdir():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
+        apply_default_mode(staging)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
