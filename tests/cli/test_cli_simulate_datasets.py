@@ -94,3 +94,25 @@ def test_datasets_list_keeps_names_whole_in_80_columns(monkeypatch, tmp_path: Pa
     assert "kuairand-explicit-feedback-subset" in result.output
     assert "processed_standard_kcore_15.csv" in result.output
     assert "…" not in result.output
+
+
+def test_out_folder_rejected(tmp_path: Path) -> None:
+    result = invoke(["simulate", "--out", str(tmp_path), "--requests", "5"])
+    assert result.exit_code == 2
+    assert "is a folder; give a file name" in result.output
+
+
+def test_out_suffix_must_be_parquet(tmp_path: Path) -> None:
+    result = invoke(["simulate", "--out", str(tmp_path / "log.csv"), "--requests", "5"])
+    assert result.exit_code == 2
+    assert "with a .parquet suffix" in result.output
+
+
+def test_settings_file_reports_every_problem(tmp_path: Path) -> None:
+    settings = tmp_path / "sim.yaml"
+    settings.write_text('num_request: 30\nlist_size: "ten"\n', encoding="utf-8")
+    result = invoke(["simulate", "--out", str(tmp_path / "log.parquet"), "--config", str(settings)])
+    assert result.exit_code == 2
+    assert "unknown key `num_request`" in result.output
+    assert "`list_size` must be a positive integer" in result.output
+    assert str(settings) in result.output

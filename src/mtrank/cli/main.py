@@ -334,7 +334,13 @@ def simulate(
             )
     values.update({key: value for key, value in given.items() if value is not None})
     values.setdefault("num_users", SIMULATE_DEFAULT_USERS)
-    config = simulator.SimulationConfig.from_dict(values)
+    if out.is_dir():
+        raise ConfigError([f"--out {out} is a folder; give a file name such as {out / 'log.parquet'}"])
+    if out.suffix.lower() != ".parquet":
+        raise ConfigError([f"--out {out}: the log is written as Parquet, so name it with a .parquet suffix"])
+    config = simulator.SimulationConfig.from_dict(
+        values, source=str(config_file) if config_file is not None else "mtrank simulate"
+    )
     path = simulator.write_click_log(config, out, kuairand_dir=kuairand)
     stdout.print(f"wrote {path}")
 

@@ -223,18 +223,20 @@ class SimulationConfig:
             raise ConfigError(problems, source="SimulationConfig")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> SimulationConfig:
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "SimulationConfig") -> SimulationConfig:
         """Build a config from plain values, such as a YAML section, rejecting unknown keys.
 
         Args:
             values: field names to values. ``devices`` is a list of mappings with the keys of
                 :class:`DeviceProfile`. Missing keys keep their defaults.
+            source: where the values come from (a file name), named in the error.
 
         Returns:
             The validated config.
 
         Raises:
-            ConfigError: a key is unknown or a value is invalid. The message lists every problem.
+            ConfigError: a key is unknown or a value is invalid. The message lists every problem,
+                unknown keys and invalid values together.
         """
         known = [f.name for f in dataclasses.fields(cls)]
         problems = [
@@ -244,10 +246,18 @@ class SimulationConfig:
         if "devices" in kwargs:
             devices, device_problems = _devices_from_values(kwargs["devices"])
             problems.extend(device_problems)
-            kwargs["devices"] = devices
-        if problems:
-            raise ConfigError(problems, source="SimulationConfig")
-        return cls(**kwargs)
+            if device_problems:
+                del kwargs["devices"]
+            else:
+                kwargs["devices"] = devices
+        config: SimulationConfig | None = None
+        try:
+            config = cls(**kwargs)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        if problems or config is None:
+            raise ConfigError(problems, source=source)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as JSON-compatible values, the inverse of :meth:`from_dict`."""
