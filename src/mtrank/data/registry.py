@@ -213,8 +213,20 @@ def locate(dataset: str, file: str, *, download: bool = True) -> Path:
     if os.environ.get("MTRANK_OFFLINE"):
         download = False
     if not download or entry.url is None:
+        if os.environ.get("MTRANK_OFFLINE"):
+            reason = "MTRANK_OFFLINE is set, so no download is tried"
+        elif entry.url is None:
+            reason = "it has no public download address"
+        else:
+            reason = "downloads are off for this call"
+        data_dir_setting = os.environ.get("MTRANK_DATA_DIR")
+        hint = (
+            f"MTRANK_DATA_DIR is {data_dir_setting}"
+            if data_dir_setting
+            else "MTRANK_DATA_DIR is not set; point it at the folder that holds the dataset folders"
+        )
         raise DatasetNotFoundError(
-            f"{dataset}/{file} is not on disk (looked in {where}) and cannot be downloaded here; "
+            f"{dataset}/{file} is not on disk (looked in {where}) and {reason}; {hint}. Otherwise "
             f"download it from {DATASETS[dataset].homepage} and put it at {candidates[0]}"
         )
     target = cache_dir() / dataset / file
