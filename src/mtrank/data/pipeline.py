@@ -565,6 +565,8 @@ def split_and_encode(data: DataConfig, encoders: FeatureEncoders, *, fit: bool) 
 def _truth_columns(data: DataConfig, path: str) -> list[str]:
     """Names of ground-truth columns present in a Parquet file (simulated logs carry them)."""
     resolved = resolve_path(path)
+    if not resolved.is_file():
+        return []  # the read that follows raises the error that names the missing file
     if resolved.suffix.lower() != ".parquet" and data.format != "parquet":
         return []
     import pyarrow.parquet as pq
