@@ -100,14 +100,23 @@ def train(
         run_config.training.epochs = epochs
     target = run_dir or Path("runs") / run_config.name
     started = time.perf_counter()
-    result = train_run(
-        run_config,
-        target,
-        resume=resume,
-        overwrite=overwrite,
-        progress=RichProgress(),
-        device=cast("DeviceChoice", device),
-    )
+    try:
+        result = train_run(
+            run_config,
+            target,
+            resume=resume,
+            overwrite=overwrite,
+            progress=RichProgress(),
+            device=cast("DeviceChoice", device),
+        )
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted: checkpoints of finished epochs are in {target / 'checkpoints'}; continue with "
+            f"`mtrank train {config} --run-dir {target} --resume`",
+            highlight=False,
+        )
+        # 130 = 128 + SIGINT, the shell's exit status for a command stopped by Ctrl-C.
+        raise typer.Exit(code=130) from None
     if is_main_process():
         stdout.print(metrics_table(f"test metrics ({run_config.name})", result.test_metrics))
         stdout.print(f"run directory: {target}  ({time.perf_counter() - started:.1f} s)")
