@@ -185,3 +185,10 @@ def test_ragged_row_rejected(tmp_path: Path) -> None:
 )
 def test_detect_format(name: str, declared: str, expected: str) -> None:
     assert detect_format(Path(name), declared) == expected  # type: ignore[arg-type]
+
+
+def test_headerless_field_count_mismatch_named(tmp_path: Path) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_text("1,a,x,0.5\n2,b,y,0.7\n", encoding="utf-8")
+    with pytest.raises(DataError, match="the first row has 4 fields but `data.column_names` lists 3 names"):
+        read_table(path, header=False, column_names=["id", "item", "city"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,6 +121,13 @@ def _read_text(
     else:
         if not column_names:
             raise DataError(f"{path} has no header; list its columns in `data.column_names`")
+        line = first_line(path)
+        fields = len(next(csv.reader([line], delimiter=delimiter), []))
+        if line and fields != len(column_names):
+            raise DataError(
+                f"{path}: the first row has {fields} fields but `data.column_names` lists "
+                f"{len(column_names)} names; give one name per field, in file order"
+            )
         read_options = pacsv.ReadOptions(column_names=list(column_names), block_size=1 << 24)
         names = list(column_names)
     _check_columns(path, names, columns)
