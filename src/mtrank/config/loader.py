@@ -189,6 +189,8 @@ def load_config(path: str | Path) -> RunConfig:
         ConfigError: the file is missing, is not YAML, or contains invalid values.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([f"{path} is a folder; give the YAML config file, such as {path / 'census.yaml'}"])
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"])
     try:

@@ -696,8 +696,12 @@ def resolve_set_dir(run_dir: Path, peft: str | Path) -> Path:
     available = (
         sorted(path.parent.name for path in folder.glob(f"*/{FINETUNE_FILE}")) if folder.is_dir() else []
     )
+    looked = (
+        f"{named} does not" if named.resolve() == candidate.resolve() else f"neither {named} nor {candidate}"
+    )
+    verb = "contain" if looked.endswith("does not") else "contains"
     raise ArtifactError(
-        f"PEFT set {str(peft)!r} not found: neither {named} nor {candidate} contains {FINETUNE_FILE}; "
+        f"PEFT set {str(peft)!r} not found: {looked} {verb} {FINETUNE_FILE}; "
         f"sets of this run: {', '.join(available) or 'none'} (create one with `mtrank finetune`)"
     )
 
