@@ -6,6 +6,7 @@ against these models and reports every problem together, each with its key path.
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -97,6 +98,33 @@ class RowFilter(Strict):
         return self
 
 
+# Rows per Arrow record batch read from a Parquet row group while streaming. Each batch is parsed and
+# encoded with whole-column Arrow and numpy calls, so their per-call overhead is amortised over
+# this many rows, while one batch of 20 columns stays in the tens of megabytes.
+DEFAULT_STREAMING_READ_ROWS = 65_536
+# Encoded training rows the shuffle buffer holds. Each row is drawn from this many candidates, at
+# about 200 bytes per row for 20 features (50 MB). Raise it for better mixing when memory allows.
+DEFAULT_SHUFFLE_BUFFER_ROWS = 262_144
+# File name suffixes that `data.format: auto` reads as Parquet, as mtrank.data.readers.detect_format does.
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+class StreamingConfig(Strict):
+    """Training by row group from a Parquet log larger than memory (see :mod:`mtrank.data.streaming`)."""
+
+    enabled: bool = Field(
+        False, description="stream the training rows instead of reading the log into memory"
+    )
+    read_rows: int = Field(
+        DEFAULT_STREAMING_READ_ROWS, ge=1, description="rows per batch read from a Parquet row group"
+    )
+    shuffle_buffer_rows: int = Field(
+        DEFAULT_SHUFFLE_BUFFER_ROWS,
+        ge=0,
+        description="capacity of the shuffle buffer in encoded training rows; 0 shuffles only within each read batch",
+    )
+
+
 class DataConfig(Strict):
     """Location and parsing of the log files."""
 
@@ -118,11 +146,41 @@ class DataConfig(Strict):
     join: JoinConfig | None = None
     filters: list[RowFilter] = Field(default_factory=list, description="row filters applied before splitting")
     split: SplitConfig = Field(default_factory=RandomSplit)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
 
     @model_validator(mode="after")
     def _names_for_headerless(self) -> DataConfig:
         if not self.header and not self.column_names and self.format != "parquet":
             raise ValueError("a file without a header needs `column_names`")
+        return self
+
+    @model_validator(mode="after")
+    def _streaming_input(self) -> DataConfig:
+        if not self.streaming.enabled:
+            return self
+        fix = "or set `data.streaming.enabled: false` to read the data into memory"
+        if isinstance(self.split, RandomSplit):
+            raise ValueError(
+                "`data.streaming.enabled` supports `data.split.method` `files` or `column`, got `random`; "
+                f"split by a column such as a date (`method: column`) or into separate files (`method: files`), {fix}"
+            )
+        paths = {"data.path": self.path}
+        if isinstance(self.split, FilesSplit):
+            paths["data.split.test_path"] = self.split.test_path
+            if self.split.valid_path is not None:
+                paths["data.split.valid_path"] = self.split.valid_path
+        if self.format not in ("auto", "parquet"):
+            raise ValueError(
+                f"`data.streaming.enabled` needs Parquet input, got `data.format: {self.format}`; "
+                f"convert the log to Parquet {fix}"
+            )
+        if self.format == "auto":
+            for key, path in paths.items():
+                if not set(PARQUET_SUFFIXES) & {suffix.lower() for suffix in PurePath(path).suffixes}:
+                    raise ValueError(
+                        f"`data.streaming.enabled` needs Parquet input, but `{key}` is {path!r}; convert it to "
+                        f"Parquet, set `data.format: parquet` if it is Parquet without a .parquet suffix, {fix}"
+                    )
         return self
 
 

@@ -76,6 +76,115 @@ def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     return array
 
 
+# A batch's value counts wait in a list until they hold at least this many distinct values and at
+# least as many as the merged counts. A merge then costs no more than the rows it adds, so merging
+# stays linear in the rows counted.
+MIN_PENDING_VALUES = 1 << 16
+
+
+class VocabularyCounts:
+    """Occurrence counts of a categorical column's values, accumulated over batches of rows.
+
+    Memory grows with the number of distinct values, not with the number of rows. Values are
+    compared as text and nulls count as :data:`MISSING_KEY`, as in :meth:`VocabularyEncoder.fit`.
+
+    Example:
+        >>> counts = VocabularyCounts().update(pa.array(["a", "b"])).update(pa.array(["a", None]))
+        >>> VocabularyEncoder().fit_counts(counts).vocabulary
+        ['a', '\\x00missing', 'b']
+    """
+
+    def __init__(self) -> None:
+        self._merged: pa.Table | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_values = 0
+
+    def update(self, column: pa.ChunkedArray | pa.Array) -> VocabularyCounts:
+        """Add the values of one batch of rows; returns ``self``."""
+        text = pc.fill_null(_as_text(column), MISSING_KEY)
+        counts = pc.value_counts(text)
+        batch = pa.table(
+            {
+                # large_string, so that a vocabulary with more than 2 GiB of text still fits one array.
+                "value": pc.cast(counts.field("values"), pa.large_string()),
+                "count": pc.cast(counts.field("counts"), pa.int64()),
+            }
+        )
+        self._pending.append(batch)
+        self._pending_values += batch.num_rows
+        merged_values = self._merged.num_rows if self._merged is not None else 0
+        if self._pending_values >= max(merged_values, MIN_PENDING_VALUES):
+            self._merge_pending()
+        return self
+
+    def table(self) -> pa.Table:
+        """Return the counts as a table with columns ``value`` (text) and ``count`` (int64), one row per value."""
+        self._merge_pending()
+        if self._merged is None:
+            return pa.table(
+                {"value": pa.array([], type=pa.large_string()), "count": pa.array([], type=pa.int64())}
+            )
+        return self._merged
+
+    def __len__(self) -> int:
+        """Number of distinct values counted so far."""
+        return self.table().num_rows
+
+    def _merge_pending(self) -> None:
+        if not self._pending:
+            return
+        parts = ([self._merged] if self._merged is not None else []) + self._pending
+        summed = pa.concat_tables(parts).group_by("value").aggregate([("count", "sum")])
+        self._merged = pa.table({"value": summed["value"], "count": summed["count_sum"]})
+        self._pending = []
+        self._pending_values = 0
+
+
+@dataclass(frozen=True)
+class RunningMoments:
+    """Count, mean and sum of squared deviations of a set of values, mergeable across batches.
+
+    Merging uses the pairwise update of Chan, Golub and LeVeque ("Algorithms for computing the sample
+    variance", 1983), which avoids the cancellation of a sum of squares minus a squared sum.
+
+    Example:
+        >>> a = RunningMoments.from_values(np.array([1.0, 2.0]))
+        >>> b = RunningMoments.from_values(np.array([3.0, 4.0]))
+        >>> a.merge(b).mean, a.merge(b).std
+        (2.5, 1.118033988749895)
+    """
+
+    count: int = 0
+    mean: float = 0.0
+    # Sum of squared deviations from the mean.
+    m2: float = 0.0
+
+    @classmethod
+    def from_values(cls, values: np.ndarray) -> RunningMoments:
+        """Return the moments of a 1-D float array (the caller removes NaN and infinities)."""
+        if values.size == 0:
+            return cls()
+        mean = float(values.mean())
+        return cls(int(values.size), mean, float(np.square(values - mean).sum()))
+
+    def merge(self, other: RunningMoments) -> RunningMoments:
+        """Return the moments of the union of both value sets."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / count
+        m2 = self.m2 + other.m2 + delta * delta * self.count * other.count / count
+        return RunningMoments(count, mean, m2)
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation (``ddof=0``, as ``numpy.std``); 0 without values."""
+        return math.sqrt(self.m2 / self.count) if self.count else 0.0
+
+
 class Encoder:
     """Interface of a fitted column encoder."""
 
@@ -116,12 +225,23 @@ class VocabularyEncoder(Encoder):
     def fit(self, column: pa.ChunkedArray | pa.Array) -> VocabularyEncoder:
         text = pc.fill_null(_as_text(column), MISSING_KEY)
         counts = pc.value_counts(text)
-        table = pa.table({"value": counts.field("values"), "count": counts.field("counts")})
-        table = table.filter(pc.greater_equal(table["count"], self.min_count))
+        self._set_vocabulary(pa.table({"value": counts.field("values"), "count": counts.field("counts")}))
+        return self
+
+    def fit_counts(self, counts: VocabularyCounts) -> VocabularyEncoder:
+        """Fit the vocabulary from counts merged over batches of rows (see :class:`VocabularyCounts`).
+
+        The ids equal those :meth:`fit` gives on the concatenated batches.
+        """
+        self._set_vocabulary(counts.table())
+        return self
+
+    def _set_vocabulary(self, counts: pa.Table) -> None:
+        """Keep the values of a ``value``/``count`` table seen ``min_count`` times or more, in id order."""
+        table = counts.filter(pc.greater_equal(counts["count"], self.min_count))
         # Most frequent first, ties by value, so that the same data gives the same ids everywhere.
         table = table.sort_by([("count", "descending"), ("value", "ascending")])
         self.vocabulary = table["value"].to_pylist()
-        return self
 
     def transform(self, column: pa.ChunkedArray | pa.Array) -> Encoded:
         text = pc.fill_null(_as_text(column), MISSING_KEY)
@@ -217,6 +337,25 @@ class NumericEncoder(Encoder):
         finite = values[np.isfinite(values)]
         self.mean = float(finite.mean()) if finite.size else 0.0
         std = float(finite.std()) if finite.size else 1.0
+        self.std = std if std > 0 and math.isfinite(std) else 1.0
+        return self
+
+    def moments(self, column: pa.ChunkedArray | pa.Array) -> RunningMoments:
+        """Return the moments of one batch of rows, over the values :meth:`fit` would use.
+
+        Merge the results of several batches with :meth:`RunningMoments.merge` and pass the total to
+        :meth:`fit_moments`.
+        """
+        values, _invalid, _ = self._parse(column)
+        return RunningMoments.from_values(values[np.isfinite(values)])
+
+    def fit_moments(self, moments: RunningMoments) -> NumericEncoder:
+        """Set the mean and standard deviation from moments merged over batches of rows.
+
+        The result equals :meth:`fit` on the concatenated batches up to float64 rounding.
+        """
+        self.mean = moments.mean if moments.count else 0.0
+        std = moments.std if moments.count else 1.0
         self.std = std if std > 0 and math.isfinite(std) else 1.0
         return self
 

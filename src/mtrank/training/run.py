@@ -27,6 +27,7 @@ import yaml
 from mtrank.config.loader import dump_config, parse_config
 from mtrank.config.schema import RunConfig
 from mtrank.data.pipeline import FeatureEncoders, PreparedData, prepare_data
+from mtrank.data.streaming import StreamingData, prepare_streaming_data
 from mtrank.errors import ArtifactError
 from mtrank.models.builder import build_ranker
 from mtrank.models.ranker import MultiTaskRanker
@@ -52,11 +53,11 @@ LOG_FILE = "train.log"
 
 @dataclass
 class RunResult:
-    """Result of :func:`train_run`."""
+    """Result of :func:`train_run`. ``data`` is a :class:`StreamingData` when ``data.streaming.enabled``."""
 
     run_dir: Path
     model: MultiTaskRanker
-    data: PreparedData
+    data: PreparedData | StreamingData
     fit: FitResult
     test_metrics: Metrics
 
@@ -122,7 +123,11 @@ def train_run(
         )
         with run_log:
             logger.info("run %s: writing to %s", config.name, run_dir)
-            data = prepare_data(config)
+            data: PreparedData | StreamingData
+            if config.data.streaming.enabled:
+                data = prepare_streaming_data(config, rank=context.rank, world_size=context.world_size)
+            else:
+                data = prepare_data(config)
             if context.is_main:
                 atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
                 atomic_write_text(run_dir / ENCODERS_FILE, _encoders_json(data.encoders))

@@ -32,6 +32,7 @@ from torch import nn
 
 from mtrank.balancing.base import all_reduce_mean_
 from mtrank.config.schema import RunConfig, TaskConfig, TrainingConfig
+from mtrank.data.streaming import BatchStream
 from mtrank.data.tensors import Batch, EncodedData, iterate_batches
 from mtrank.errors import ArtifactError, ConfigError
 from mtrank.training.checkpoint import (
@@ -379,11 +380,12 @@ class Trainer:
         return [p for _, p in named]
 
     # ------------------------------------------------------------------------------------------------
-    def train_epoch(self, data: EncodedData, epoch: int) -> dict[str, float]:
+    def train_epoch(self, data: EncodedData | BatchStream, epoch: int) -> dict[str, float]:
         """Run one epoch and keep its per-step balancer statistics in :attr:`epoch_steps`.
 
         Args:
-            data: the training split.
+            data: the training split, in memory or streamed (``data.streaming``). A stream shuffles
+                and shards its own rows and must have been made for this process's rank.
             epoch: the 1-based epoch number; it seeds shuffling and dropout.
 
         Returns:
@@ -410,7 +412,11 @@ class Trainer:
         self.epoch_steps = StepStats()
         log_steps = logger.isEnabledFor(logging.DEBUG)
         batches: Iterator[tuple[Batch, torch.Tensor | None]]
-        if context.is_distributed:
+        if not isinstance(data, EncodedData):
+            min_rows = 2 if skip_single_row and context.is_distributed else 1
+            batches = self._stream_batches(data, epoch, min_rows)
+            num_batches = data.num_batches(epoch, min_rows_per_batch=min_rows)
+        elif context.is_distributed:
             plan = epoch_steps(
                 len(data),
                 batch_size,
@@ -505,6 +511,40 @@ class Trainer:
             batch = data.batch.select(step[start:stop]).to(context.device)
             yield batch, scales.float().to(context.device)
 
+    def _stream_batches(
+        self, stream: BatchStream, epoch: int, min_rows_per_batch: int
+    ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+        """Yield a stream's batches for this rank, with the ``(T,)`` task-loss scales of a distributed run.
+
+        The scales are those of :meth:`_rank_batches`. Each rank reads its own rows, so one
+        all-reduce per step sums the labelled rows m_i of the whole step.
+
+        Raises:
+            ConfigError: the stream was made for another rank or world size.
+        """
+        context = self.context
+        if (stream.rank, stream.world_size) != (context.rank, context.world_size):
+            raise ConfigError(
+                [
+                    f"the training stream reads the rows of rank {stream.rank} of {stream.world_size}, but this "
+                    f"process is rank {context.rank} of {context.world_size}; pass the process's rank and "
+                    "world size to `prepare_streaming_data`"
+                ]
+            )
+        for batch in stream.iter_batches(epoch, min_rows_per_batch=min_rows_per_batch):
+            if not context.is_distributed:
+                yield batch, None
+                continue
+            batch = batch.to(context.device)
+            if batch.label_mask is None:
+                local = torch.full((len(self.tasks),), float(len(batch)), dtype=torch.float64)
+            else:
+                local = batch.label_mask.double().sum(dim=0).cpu()  # (T,)
+            total = local.to(context.device)
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)  # (T,) over all ranks
+            scales = context.world_size * local / total.cpu().clamp(min=1.0)  # (T,)
+            yield batch, scales.float().to(context.device)
+
     def _mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
         """Average one step's statistics over ranks with a single all-reduce."""
         keys = list(stats)
@@ -558,7 +598,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def fit(
         self,
-        train: EncodedData,
+        train: EncodedData | BatchStream,
         valid: EncodedData | None,
         *,
         resume: bool = False,
@@ -567,7 +607,7 @@ class Trainer:
         """Train for the configured epochs with early stopping; keep the best weights.
 
         Args:
-            train: training split.
+            train: training split, in memory or a stream (see :meth:`train_epoch`).
             valid: validation split for early stopping; without it the last epoch is kept.
             resume: continue from the latest checkpoint in ``run_dir`` (must exist).
             stop_after: stop after this many epochs of this call (simulates an interruption in tests).
