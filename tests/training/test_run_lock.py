@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mtrank.errors import ArtifactError
 from mtrank.training.lock import RunDirectoryLock
@@ -59,3 +62,24 @@ def test_two_locks_in_one_process_conflict(tmp_path: Path) -> None:
     # flock locks belong to open file descriptions, so a second open in the same process conflicts too.
     with RunDirectoryLock(tmp_path), pytest.raises(ArtifactError, match="in use by another training"):
         RunDirectoryLock(tmp_path).acquire()
+
+
+def test_second_training_into_busy_run_directory(tmp_path: Path, write_log, config_dict) -> None:
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(config_dict(write_log(), epochs=500)), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "mtrank", "-q", "train", str(config), "--run-dir", str(run_dir)]
+    env = {**os.environ, "COLUMNS": "400"}
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "checkpoints" / "latest.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run(
+            [*command, "--overwrite"], capture_output=True, text=True, env=env, timeout=120
+        )
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert f"in use by another training (pid {first.pid} on " in second.stdout + second.stderr

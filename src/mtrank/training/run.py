@@ -16,8 +16,9 @@ rank reads and encodes the data, and only rank 0 writes these files.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,9 @@ import torch
 import yaml
 
 from mtrank.config.loader import dump_config, parse_config
-from mtrank.config.schema import RunConfig
+from mtrank.config.schema import FilesSplit, RunConfig
 from mtrank.data.pipeline import FeatureEncoders, PreparedData, prepare_data
+from mtrank.data.registry import DATASET_SCHEME
 from mtrank.data.streaming import StreamingData, prepare_streaming_data
 from mtrank.errors import ArtifactError
 from mtrank.models.builder import build_ranker
@@ -41,6 +43,7 @@ from mtrank.training.distributed import (
     distributed_session,
 )
 from mtrank.training.evaluation import Metrics
+from mtrank.training.lock import RunDirectoryLock
 from mtrank.training.progress import NoProgress, Progress
 from mtrank.training.trainer import WEIGHTS_FILE, FitResult, Trainer
 
@@ -112,8 +115,14 @@ def train_run(
         ArtifactError: ``run_dir`` cannot be used (see :func:`check_run_dir`). In a distributed run,
             every rank raises it when rank 0 rejects the directory.
     """
-    with distributed_session(device) as context:
-        _check_run_dir_on_main(config, run_dir, context, resume=resume, overwrite=overwrite)
+    config = with_absolute_paths(config)
+    with distributed_session(device) as context, ExitStack() as cleanup:
+        lock = _check_run_dir_on_main(config, run_dir, context, resume=resume, overwrite=overwrite)
+        if lock is not None:
+            cleanup.callback(lock.release)
+        if context.is_main and not resume:
+            # A fresh or replaced run starts a fresh log; a resumed run appends to its log.
+            (run_dir / LOG_FILE).unlink(missing_ok=True)
         if config.training.num_threads:
             torch.set_num_threads(config.training.num_threads)
         if not context.is_main:
@@ -147,17 +156,24 @@ def train_run(
 
 def _check_run_dir_on_main(
     config: RunConfig, run_dir: Path, context: DistributedContext, *, resume: bool, overwrite: bool
-) -> None:
-    """Check and create ``run_dir`` on rank 0, and raise its error on every rank when it fails.
+) -> RunDirectoryLock | None:
+    """Lock, check and create ``run_dir`` on rank 0, and raise its error on every rank when it fails.
 
     Rank 0 decides alone, so ranks on machines that do not share the run directory cannot disagree.
+
+    Returns:
+        On rank 0, the held lock of ``run_dir``, which the caller releases; ``None`` on other ranks.
     """
     problem: ArtifactError | None = None
+    lock: RunDirectoryLock | None = None
     if context.is_main:
+        lock = RunDirectoryLock(run_dir)
         try:
+            lock.acquire()
             check_run_dir(config, run_dir, resume=resume, overwrite=overwrite)
-            run_dir.mkdir(parents=True, exist_ok=True)
         except ArtifactError as exc:
+            lock.release()
+            lock = None
             if not context.is_distributed:
                 raise
             problem = exc
@@ -166,6 +182,32 @@ def _check_run_dir_on_main(
         raise problem
     if message is not None:
         raise ArtifactError(f"rank 0 rejected the run directory: {message}")
+    return lock
+
+
+def _absolute_path(path: str) -> str:
+    if path.startswith(DATASET_SCHEME):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """Return a copy of ``config`` whose data paths are absolute, as the run's ``config.yaml`` records them.
+
+    Relative paths are relative to the working folder of the training, so a run evaluated or served
+    from another folder would otherwise look for its data in the wrong place. ``dataset:`` paths
+    stay as they are, because the registry resolves them.
+    """
+    copy = config.model_copy(deep=True)
+    data = copy.data
+    data.path = _absolute_path(data.path)
+    if data.join is not None:
+        data.join.path = _absolute_path(data.join.path)
+    if isinstance(data.split, FilesSplit):
+        data.split.test_path = _absolute_path(data.split.test_path)
+        if data.split.valid_path is not None:
+            data.split.valid_path = _absolute_path(data.split.valid_path)
+    return copy
 
 
 def check_run_dir(config: RunConfig, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -237,7 +279,7 @@ class LoadedRun:
     peft_dir: Path | None = None
 
 
-def load_run(run_dir: Path, peft: str | Path | None = None) -> LoadedRun:
+def load_run(run_dir: str | Path, peft: str | Path | None = None) -> LoadedRun:
     """Rebuild the config, encoders and model of a finished run, weights loaded, in eval mode.
 
     Args:
@@ -249,6 +291,7 @@ def load_run(run_dir: Path, peft: str | Path | None = None) -> LoadedRun:
     Raises:
         ArtifactError: a file of the run or the set is missing or does not match the model.
     """
+    run_dir = Path(run_dir)
     if peft is not None:
         # Imported here because the fine-tuning module builds on this one.
         from mtrank.training.finetune import load_peft_run
