@@ -20,6 +20,7 @@ from mtrank.data.encoders import (
     RawIdEncoder,
     VocabularyEncoder,
     encoder_from_dict,
+    parse_float,
 )
 
 # 2^53 + 1 is the smallest positive integer that float64 cannot represent: it rounds to 2^53 (IEEE 754
@@ -148,7 +149,7 @@ def test_numeric_text_marked_invalid() -> None:
     result = encoder.transform(pa.array(["abc", "2", "1e3", ".5"]))
 
     assert result.invalid.tolist() == [True, False, False, False]
-    assert result.reason == "not a number"
+    assert result.reason == "not a number or out of float32 range"
 
 
 def test_numeric_log1p_rejects_negatives() -> None:
@@ -236,3 +237,30 @@ def test_encoder_json_round_trip(encoder) -> None:
     restored = encoder_from_dict(json.loads(json.dumps(encoder.to_dict())))
 
     assert restored == encoder
+
+
+# --- values beyond float32 ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["1e308", "-1e40", "1e400"])
+def test_numeric_beyond_float32_is_invalid(text: str) -> None:
+    encoder = NumericEncoder().fit(pa.array(["1", "2", "3"]))
+    result = encoder.transform(pa.array(["1", text]))
+    assert result.invalid.tolist() == [False, True]
+
+
+def test_numeric_float32_max_is_valid() -> None:
+    encoder = NumericEncoder(standardize=False).fit(pa.array(["1"]))
+    assert not encoder.transform(pa.array(["3.4e38"])).invalid.any()
+
+
+def test_typed_infinity_invalid_and_nan_missing() -> None:
+    values, missing, invalid = parse_float(pa.array([1.0, float("inf"), float("nan"), None]))
+    assert invalid.tolist() == [False, True, False, False]
+    assert missing.tolist() == [False, False, True, True]
+
+
+def test_fit_ignores_out_of_range_values() -> None:
+    # One huge value would otherwise dominate the mean and squeeze every other value to the same input.
+    encoder = NumericEncoder().fit(pa.array(["1", "2", "3", "1e40"]))
+    assert encoder.mean == pytest.approx(2.0)

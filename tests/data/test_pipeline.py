@@ -312,7 +312,7 @@ def test_invalid_rows_skipped_counted_and_logged(write_log, config_dict, caplog)
     assert len(kept) == NUM_ROWS - 4
     assert not {3, 10, 20, 30} & set(kept.tolist())
     assert (
-        "skipping 2 row(s) with invalid `score` (not a number); examples: row 3: 'abc', row 10: 'n/a'"
+        "skipping 2 row(s) with invalid `score` (not a number or out of float32 range); examples: row 3: 'abc', row 10: 'n/a'"
         in caplog.text
     )
     assert (

@@ -290,7 +290,16 @@ def test_non_numeric_value_rejected(client: TestClient) -> None:
     response = client.post("/score", json={"rows": rows})
 
     assert response.status_code == 422
-    assert "row 2, key `score`: 'abc' (not a number)" in response.json()["detail"]
+    assert "row 2, key `score`: 'abc' (not a number or out of float32 range)" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("value", [1e308, "1e400"])
+def test_value_beyond_float32_rejected(client: TestClient, value: object) -> None:
+    # In a float32 tensor the value would be infinite and the score NaN.
+    response = client.post("/score", json={"rows": [one_row(), one_row(score=value)]})
+
+    assert response.status_code == 422
+    assert "row 1, key `score`" in response.json()["detail"]
 
 
 @pytest.mark.parametrize(

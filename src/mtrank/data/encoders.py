@@ -47,12 +47,21 @@ def _as_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     return column
 
 
+# Largest finite float32; a value beyond it becomes infinite in the model's tensors.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def parse_float(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parse a column to float64.
 
+    Numbers beyond float32's range (infinities included) are invalid, because features and labels
+    end up in float32 tensors, where they would become infinite and turn the loss or the score into
+    NaN. A NaN in a typed (Parquet) column counts as missing, the usual meaning in dataframes.
+
     Returns:
         ``(values, missing, invalid)``: values with NaN where missing or invalid; ``missing`` marks
-        nulls; ``invalid`` marks non-null text that is not a number.
+        nulls and typed NaN; ``invalid`` marks non-null text that is not a number and numbers whose
+        magnitude exceeds :data:`FLOAT32_MAX`.
     """
     array = _as_array(column)
     missing = np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=bool)
@@ -65,6 +74,10 @@ def parse_float(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndar
         invalid = np.zeros(len(array), dtype=bool)
         values = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
     values = np.array(values, dtype=np.float64)  # a writable copy: Arrow buffers are read-only
+    missing = missing | (np.isnan(values) & ~invalid)
+    with np.errstate(invalid="ignore"):
+        out_of_range = ~missing & ~invalid & ~(np.abs(values) <= FLOAT32_MAX)
+    invalid = invalid | out_of_range
     values[missing | invalid] = np.nan
     return values, missing, invalid
 
@@ -322,12 +335,12 @@ class NumericEncoder(Encoder):
 
     def _parse(self, column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, str]:
         values, _missing, invalid = parse_float(column)
-        reason = "not a number"
+        reason = "not a number or out of float32 range"
         if self.transform_name == "log1p":
             negative = values < 0
             if negative.any():
                 invalid = invalid | negative
-                reason = "not a number, or negative under log1p"
+                reason = "not a number, out of float32 range, or negative under log1p"
             with np.errstate(invalid="ignore"):
                 values = np.log1p(np.where(negative, np.nan, values))
         return values, invalid, reason
@@ -419,7 +432,7 @@ class LabelEncoder(Encoder):
             values = np.asarray(hit.to_numpy(zero_copy_only=False), dtype=np.float32)
             return Encoded(values, missing, "missing label")
         values, missing, invalid = parse_float(array)
-        reason = "missing or not a number"
+        reason = "missing, not a number or out of float32 range"
         if self.greater_than is not None:
             labels = (values > self.greater_than).astype(np.float32)
         elif self.task_type == "binary":
