@@ -45,7 +45,7 @@ from mtrank.training.distributed import (
 from mtrank.training.evaluation import Metrics
 from mtrank.training.lock import RunDirectoryLock
 from mtrank.training.progress import NoProgress, Progress
-from mtrank.training.trainer import WEIGHTS_FILE, FitResult, Trainer
+from mtrank.training.trainer import WEIGHTS_FILE, FitResult, Trainer, format_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def train_run(
             test_metrics = trainer.evaluate(data.test, "test")
             trainer.write_metrics(fit, test_metrics)
             for task, values in test_metrics.items():
-                logger.info("test %s: %s", task, " ".join(f"{k}={v:.5f}" for k, v in values.items()))
+                logger.info("test %s: %s", task, format_metrics(values))
         # The other ranks return only once rank 0 has written metrics.json.
         barrier()
     return RunResult(run_dir, model, data, fit, test_metrics)

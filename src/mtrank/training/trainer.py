@@ -763,7 +763,7 @@ class Trainer:
                     "epoch %d valid %s: %s",
                     record.epoch,
                     task,
-                    " ".join(f"{k}={v:.5f}" for k, v in values.items()),
+                    format_metrics(values),
                 )
 
     def _checkpoint(
@@ -857,6 +857,16 @@ def _lookup(metrics: Metrics, key: str) -> float:
 def _format_values(values: Mapping[str, float]) -> str:
     """Format ``{key: value}`` as ``key=value`` pairs on one line, five significant digits each."""
     return " ".join(f"{key}={value:.5g}" for key, value in values.items())
+
+
+def format_metrics(values: Mapping[str, float]) -> str:
+    """Format one task's metrics as ``name=value`` pairs: counts as integers, scores to five decimals."""
+    return " ".join(
+        f"{key}={int(value)}"
+        if float(value).is_integer() and not key.endswith(("auc", "loss"))
+        else f"{key}={value:.5f}"
+        for key, value in values.items()
+    )
 
 
 def _record_to_json(record: EpochRecord) -> dict[str, Any]:
