@@ -860,11 +860,9 @@ def _format_values(values: Mapping[str, float]) -> str:
 
 
 def format_metrics(values: Mapping[str, float]) -> str:
-    """Format one task's metrics as ``name=value`` pairs: counts as integers, scores to five decimals."""
+    """Format one task's metrics as ``name=value`` pairs: group counts as integers, the rest to five decimals."""
     return " ".join(
-        f"{key}={int(value)}"
-        if float(value).is_integer() and not key.endswith(("auc", "loss"))
-        else f"{key}={value:.5f}"
+        f"{key}={int(value)}" if key.endswith("_groups_skipped") else f"{key}={value:.5f}"
         for key, value in values.items()
     )
 
