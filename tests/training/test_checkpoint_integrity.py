@@ -335,3 +335,34 @@ def test_written_files_follow_umask(tmp_path: Path) -> None:
         for path in (tmp_path / "w.safetensors", tmp_path / "a.json", folder, folder / "model.safetensors")
     }
     assert modes == {"w.safetensors": 0o644, "a.json": 0o644, "epoch-0001": 0o755, "model.safetensors": 0o644}
+
+
+# --- resume past a damaged checkpoint -----------------------------------------------------------------
+
+
+def test_resume_skips_damaged_latest_checkpoint(tmp_path: Path, write_log, config_dict, caplog) -> None:
+    raw = config_dict(write_log(num_rows=300), epochs=4)
+    raw["training"]["early_stopping"] = {"metric": "mean/auc", "mode": "max", "patience": 5}
+    whole = train_run(parse_config(raw), tmp_path / "whole")
+    train_run(parse_config(raw), tmp_path / "parts", stop_after=3)
+    latest = tmp_path / "parts" / "checkpoints" / "epoch-0003" / "model.safetensors"
+    _start, header = read_header(latest)
+    flip_tensor_byte(latest, sorted(key for key in header if key != "__metadata__")[0])
+
+    with caplog.at_level("WARNING", logger="mtrank.training.trainer"):
+        resumed = train_run(parse_config(raw), tmp_path / "parts", resume=True)
+
+    # Epoch 3 is trained again from the kept epoch-2 checkpoint, so the result is the uninterrupted run's.
+    assert "epoch-0003 is damaged" in caplog.text
+    assert [r.epoch for r in resumed.fit.history] == [1, 2, 3, 4]
+    assert resumed.test_metrics == whole.test_metrics
+
+
+def test_resume_with_every_checkpoint_damaged(tmp_path: Path, write_log, config_dict) -> None:
+    raw = config_dict(write_log(num_rows=300), epochs=4)
+    train_run(parse_config(raw), tmp_path / "run", stop_after=2)
+    for folder in (tmp_path / "run" / "checkpoints").glob("epoch-*"):
+        (folder / "state.json").write_text("{not json", encoding="utf-8")
+
+    with pytest.raises(ArtifactError, match="no undamaged checkpoint in .*; train again without --resume"):
+        train_run(parse_config(raw), tmp_path / "run", resume=True)

@@ -36,6 +36,7 @@ from mtrank.data.streaming import BatchStream
 from mtrank.data.tensors import Batch, EncodedData, iterate_batches
 from mtrank.errors import ArtifactError, ConfigError
 from mtrank.training.checkpoint import (
+    LATEST,
     atomic_save_tensors,
     atomic_write_text,
     load_tensors,
@@ -59,6 +60,8 @@ from mtrank.training.progress import NoProgress, Progress
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+# Tensor files of one checkpoint folder, in the order `_read_checkpoint` returns them.
+CHECKPOINT_TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "extra.safetensors")
 METRICS_FILE = "metrics.json"
 STEPS_FILE = "steps.jsonl"
 WEIGHTS_PLOT_FILE = "task_weights.png"
@@ -800,17 +803,9 @@ class Trainer:
     def _resume(self, result: FitResult) -> tuple[int, dict[str, torch.Tensor] | None, int]:
         if self.run_dir is None:
             raise ArtifactError("resume needs a run directory")
-        latest = read_latest(self.run_dir / CHECKPOINTS)
-        if latest is None:
-            raise ArtifactError(
-                f"no checkpoint to resume from in {self.run_dir / CHECKPOINTS}; start without --resume"
-            )
-        folder, state = latest
-        self.model.load_state_dict(load_tensors(folder / "model.safetensors"))
-        optimizer_from_tensors(
-            self.optimizer, load_tensors(folder / "optimizer.safetensors"), state["optimizer"]
-        )
-        extra = load_tensors(folder / "extra.safetensors")
+        folder, state, model_tensors, optimizer_tensors, extra = self._read_checkpoint()
+        self.model.load_state_dict(model_tensors)
+        optimizer_from_tensors(self.optimizer, optimizer_tensors, state["optimizer"])
         self.balancer.load_state_dict(
             {k[len("balancer.") :]: v for k, v in extra.items() if k.startswith("balancer.")}
         )
@@ -827,6 +822,50 @@ class Trainer:
         result.history = [_record_from_json(r) for r in state["history"]]
         logger.info("resumed from %s (epoch %d done)", folder, state["epoch"])
         return int(state["epoch"]) + 1, best, int(state["bad_epochs"])
+
+    def _read_checkpoint(
+        self,
+    ) -> tuple[
+        Path, dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]
+    ]:
+        """Read the latest checkpoint, or the newest older one when the latest is damaged.
+
+        Checkpoints are written atomically, so damage means the disk or a person changed a file
+        afterwards. The previous checkpoint, kept beside the latest, then saves the run.
+
+        Raises:
+            ArtifactError: there is no checkpoint, or every kept one is damaged.
+        """
+        assert self.run_dir is not None
+        root = self.run_dir / CHECKPOINTS
+        if not (root / LATEST).is_file():
+            raise ArtifactError(f"no checkpoint to resume from in {root}; start without --resume")
+        candidates: list[Path] = []
+        try:
+            latest = read_latest(root)
+            if latest is not None:
+                candidates.append(latest[0])
+        except (ArtifactError, ValueError, KeyError) as exc:
+            logger.warning("cannot follow %s: %s", root / LATEST, exc)
+        candidates += sorted(
+            (p for p in root.glob("epoch-*") if p.is_dir() and p not in candidates), reverse=True
+        )
+        problems: list[str] = []
+        for folder in candidates:
+            try:
+                state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+                tensors = [load_tensors(folder / name) for name in CHECKPOINT_TENSOR_FILES]
+            except (ArtifactError, OSError, ValueError) as exc:
+                problems.append(f"{folder.name}: {exc}")
+                logger.warning("checkpoint %s is damaged (%s); trying an older one", folder, exc)
+                continue
+            if problems:
+                logger.warning("resuming from %s, the newest undamaged checkpoint", folder)
+            return folder, state, tensors[0], tensors[1], tensors[2]
+        raise ArtifactError(
+            f"no undamaged checkpoint in {root}: {'; '.join(problems) or 'no checkpoint folder'}; "
+            "train again without --resume, or restore the checkpoint files from a backup"
+        )
 
     def write_metrics(self, result: FitResult, test: Metrics | None = None) -> None:
         """Write ``metrics.json``: per-epoch history, best epoch and (when given) test metrics.
