@@ -852,6 +852,13 @@ def test_two_ranks_end_with_equal_parameters(tmp_path: Path, config_dict, split_
     steps = (tmp_path / "run" / STEPS_FILE).read_text(encoding="utf-8").splitlines()
     planned = prepare_streaming_data(parse_config(raw), world_size=WORLD_SIZE).train
     assert len(steps) == 2 * planned.num_batches(1, min_rows_per_batch=2)
+    # The first step's loss is a mean over both ranks' rows, on the scale of a one-process step
+    # (an unscaled sum over ranks would be about twice as large).
+    single = train_run(parse_config(raw), tmp_path / "single", stop_after=1)
+    first_single = json.loads((single.run_dir / STEPS_FILE).read_text(encoding="utf-8").splitlines()[0])
+    first_ranks = json.loads(steps[0])
+    ratio = first_ranks["loss/total"] / first_single["loss/total"]
+    assert 0.75 < ratio < 1.33, ratio
 
 
 def _train_one_rank(config_path: Path, run_dir: Path, out_dir: Path) -> None:

@@ -543,7 +543,8 @@ class Trainer:
                 local = torch.full((len(self.tasks),), float(len(batch)), dtype=torch.float64)
             else:
                 local = batch.label_mask.double().sum(dim=0).cpu()  # (T,)
-            total = local.to(context.device)
+            # A copy: on the CPU `.to` returns `local` itself, which the in-place all_reduce would overwrite.
+            total = local.clone().to(context.device)
             torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)  # (T,) over all ranks
             scales = context.world_size * local / total.cpu().clamp(min=1.0)  # (T,)
             yield batch, scales.float().to(context.device)
