@@ -116,3 +116,14 @@ def test_settings_file_reports_every_problem(tmp_path: Path) -> None:
     assert "unknown key `num_request`" in result.output
     assert "`list_size` must be a positive integer" in result.output
     assert str(settings) in result.output
+
+
+def test_error_text_with_brackets_printed_literally(tmp_path: Path) -> None:
+    # Rich markup in a path or a YAML message must not be interpreted (nor crash the error output).
+    folder = tmp_path / "[red]" / "[/x]"
+    settings = folder / "sim.yaml"
+    folder.mkdir(parents=True)
+    settings.write_text("num_request: 3\n", encoding="utf-8")
+    result = invoke(["simulate", "--out", str(tmp_path / "log.parquet"), "--config", str(settings)])
+    assert result.exit_code == 2
+    assert "[red]/[/x]/sim.yaml" in result.output

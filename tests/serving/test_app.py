@@ -541,3 +541,11 @@ def test_serve_command_default_host_is_loopback() -> None:
 
     assert DEFAULT_HOST == "127.0.0.1"
     assert default == DEFAULT_HOST
+
+
+def test_integer_beyond_float_range_rejected(client: TestClient) -> None:
+    # math.isfinite overflows on such an int; the service must still answer 422, not 500.
+    response = client.post("/score", json={"rows": [one_row(score=10**400)]})
+
+    assert response.status_code == 422
+    assert "row 0, key `score`" in response.json()["detail"]

@@ -18,8 +18,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-console = Console(stderr=True)
-stdout = Console()
+# Markup off: paths and messages may contain brackets; only explicit `markup=True` calls use it.
+console = Console(stderr=True, markup=False)
+stdout = Console(markup=False)
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:

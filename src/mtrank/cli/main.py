@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
 from mtrank.cli.console import RichProgress, console, metrics_table, setup_logging, stdout
 from mtrank.errors import MtrankError
@@ -41,16 +42,16 @@ def friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except MtrankError as exc:
-            console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(code=2) from None
         except FloatingPointError as exc:
-            console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(code=2) from None
         except ValidationError as exc:
             # A command-line override (such as --epochs) failed the config's own validation.
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
             console.print(
-                f"[bold red]error:[/] invalid option value: {problems}", markup=True, highlight=False
+                f"[bold red]error:[/] invalid option value: {escape(problems)}", markup=True, highlight=False
             )
             raise typer.Exit(code=2) from None
 

@@ -180,7 +180,9 @@ def _numeric_column(values: list[Any]) -> tuple[pa.Array, np.ndarray]:
     cleaned: list[Any] = []
     for i, value in enumerate(values):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if value is None or isinstance(value, str) or (number and math.isfinite(value)):
+        # A Python int is always finite, and math.isfinite overflows on one beyond float's range.
+        finite = number and (isinstance(value, int) or math.isfinite(value))
+        if value is None or isinstance(value, str) or finite:
             cleaned.append(value)
         else:
             wrong_type[i] = True
