@@ -513,3 +513,10 @@ def test_evaluate_command_on_distributed_run(cli_runs: tuple[Path, Path], tmp_pa
 
 if __name__ == "__main__":
     run_scenarios(Path(sys.argv[1]))
+
+
+def test_cuda_without_torchrun_rejected(monkeypatch) -> None:
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="device `cuda` needs a torchrun launch"):
+        init_distributed("cuda")

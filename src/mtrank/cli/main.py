@@ -81,7 +81,10 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in the run directory."),
     epochs: int | None = typer.Option(None, "--epochs", help="Override training.epochs."),
     device: str = typer.Option(
-        "auto", "--device", help="auto (CUDA when available, per local rank under torchrun), cpu or cuda."
+        "auto",
+        "--device",
+        help="Under torchrun: auto (CUDA when available, per local rank), cpu or cuda. Without torchrun "
+        "training runs on the CPU, and cuda is an error.",
     ),
 ) -> None:
     """Train a ranker from a YAML config and report per-task test metrics.

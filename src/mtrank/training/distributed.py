@@ -210,8 +210,17 @@ def init_distributed(
     if dist.is_available() and dist.is_initialized():
         return current_context()
     launch = read_launch_environment()
-    if launch is None or launch.world_size == 1:
-        # One process trains exactly as without torchrun, on the CPU.
+    if launch is None and device == "cuda":
+        raise ConfigError(
+            [
+                "device `cuda` needs a torchrun launch, one process per GPU (for one GPU: "
+                "`torchrun --nproc-per-node 1 -m mtrank train ...`); a process started without torchrun "
+                "trains on the CPU"
+            ]
+        )
+    if launch is None or (launch.world_size == 1 and device != "cuda"):
+        # One process trains exactly as without torchrun, on the CPU. With device `cuda`, a
+        # one-process group is created below so that the run uses the GPU.
         return DistributedContext()
     if not dist.is_available():
         raise ConfigError(

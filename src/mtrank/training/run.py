@@ -109,7 +109,8 @@ def train_run(
         stop_after: stop after this many epochs (for interruption tests).
         overwrite: replace a finished run in ``run_dir`` instead of raising.
         device: under ``torchrun`` with several processes, ``auto`` (CUDA when available), ``cpu``
-            or ``cuda``. A single process always trains on the CPU.
+            or ``cuda``. A process started without ``torchrun`` trains on the CPU and
+            rejects ``cuda``; for one GPU, launch ``torchrun --nproc-per-node 1``.
 
     Raises:
         ArtifactError: ``run_dir`` cannot be used (see :func:`check_run_dir`). In a distributed run,
