@@ -127,3 +127,22 @@ def test_error_text_with_brackets_printed_literally(tmp_path: Path) -> None:
     result = invoke(["simulate", "--out", str(tmp_path / "log.parquet"), "--config", str(settings)])
     assert result.exit_code == 2
     assert "[red]/[/x]/sim.yaml" in result.output
+
+
+def test_kuairand_rejects_settings_that_do_not_apply(tmp_path: Path) -> None:
+    settings = tmp_path / "sim.yaml"
+    settings.write_text("num_users: 5\nseed: 3\n", encoding="utf-8")
+    result = invoke(
+        [
+            "simulate",
+            "--out",
+            str(tmp_path / "log.parquet"),
+            "--kuairand",
+            str(tmp_path),
+            "--config",
+            str(settings),
+        ]
+    )
+    assert result.exit_code == 2
+    assert "num_users in" in result.output
+    assert "do not apply with --kuairand" in result.output

@@ -646,3 +646,12 @@ def test_kuairand_duration_weight_moves_long_videos_up(tmp_path: Path) -> None:
         mean_position_of_longest[weight] = float(table.column("position").to_numpy()[longest].mean())
     # Without the term the longest video sits at 5.5 on average; with it, near the top.
     assert mean_position_of_longest[2.0] < mean_position_of_longest[0.0] - 2.0
+
+
+def test_kuairand_metadata_records_only_settings_used(tmp_path: Path) -> None:
+    _write_small_kuairand(tmp_path, {7: 25})
+    table = semi_synthetic_kuairand(tmp_path, SimulationConfig(list_size=10), join_user_features=False)
+    metadata = json.loads(table.schema.metadata[METADATA_KEY])
+    assert metadata["num_lists"] == 2
+    assert "num_users" not in metadata["config"]
+    assert metadata["config"]["list_size"] == 10

@@ -337,6 +337,15 @@ def simulate(
         # The real log fixes these; silently ignoring them would mislead.
         fixed = {"num_requests": "--requests", "num_users": "--users", "num_items": "--items"}
         ignored = [flag for key, flag in fixed.items() if given[key] is not None]
+        unused = sorted(key for key in values if key not in simulator.KUAIRAND_SETTINGS)
+        if unused:
+            raise ConfigError(
+                [
+                    f"{', '.join(unused)} in {config_file} do not apply with --kuairand: the real KuaiRand "
+                    f"log fixes them; the settings that apply are {', '.join(simulator.KUAIRAND_SETTINGS)}"
+                ],
+                source=str(config_file),
+            )
         if ignored:
             raise ConfigError(
                 [

@@ -109,6 +109,17 @@ KUAIRAND_USER_FEATURE_TYPES: dict[str, pa.DataType] = {
 # Relevance given the real like/hate label. A liked video is still skipped now and then and a hated
 # one is still sometimes clicked before the user judges it, so relevance stays a probability and
 # clicks at a position are never a fixed function of the label.
+# SimulationConfig fields that the semi-synthetic KuaiRand mode reads; the others do not apply.
+KUAIRAND_SETTINGS: tuple[str, ...] = (
+    "list_size",
+    "devices",
+    "logging_policy",
+    "logging_noise",
+    "logging_item_error",
+    "logging_duration_weight",
+    "click_noise",
+    "seed",
+)
 DEFAULT_LIKED_RELEVANCE = 0.9
 DEFAULT_HATED_RELEVANCE = 0.1
 
@@ -364,7 +375,8 @@ def _validate_config(config: SimulationConfig) -> list[str]:
     if (config.target_click_rate is None) == (config.relevance_bias is None):
         problems.append(
             "set exactly one of `target_click_rate` and `relevance_bias`, got "
-            f"target_click_rate={config.target_click_rate!r}, relevance_bias={config.relevance_bias!r}"
+            f"target_click_rate={config.target_click_rate!r}, relevance_bias={config.relevance_bias!r} "
+            "(target_click_rate defaults to 0.1: set it to null to fix the bias instead)"
         )
     if config.target_click_rate is not None:
         _check_real(
@@ -1046,7 +1058,9 @@ def semi_synthetic_kuairand(
     logger.info("KuaiRand semi-synthetic log: %d lists, click rate %.4f", num_lists, float(np.mean(click)))
     metadata = {
         "mode": "semi_synthetic_kuairand",
-        "config": config.to_dict(),
+        # Only the settings this mode reads; the real log fixes users, items and the list count.
+        "config": {key: value for key, value in config.to_dict().items() if key in KUAIRAND_SETTINGS},
+        "num_lists": int(num_lists),
         "liked_relevance": liked_relevance,
         "hated_relevance": hated_relevance,
         "dropped_rows": int(dropped),
@@ -1098,6 +1112,7 @@ def write_click_log(
 __all__ = [
     "DEFAULT_DEVICES",
     "GROUND_TRUTH_COLUMNS",
+    "KUAIRAND_SETTINGS",
     "LOGGING_POLICIES",
     "METADATA_KEY",
     "DeviceProfile",
