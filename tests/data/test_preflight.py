@@ -79,3 +79,30 @@ def test_cli_check_exit_code(write_log, config_dict, tmp_path: Path) -> None:
     result = runner.invoke(app, ["check", str(bad)])
     assert result.exit_code == 2
     assert "column `age` not found" in result.output
+
+
+def test_unreadable_join_reported_alone(write_log, config_dict, tmp_path: Path) -> None:
+    raw = config_dict(write_log(drop=["city"]))
+    raw["data"]["join"] = {"path": str(tmp_path / "absent.csv"), "key": "item"}
+    report = check_data_files(parse_config(raw))
+    assert len(report.problems) == 1
+    assert report.problems[0].startswith("data.join.path:")
+
+
+def test_join_columns_entry_missing(write_log, config_dict, tmp_path: Path) -> None:
+    side = tmp_path / "items.csv"
+    side.write_text("item,city\ni1,c1\n", encoding="utf-8")
+    raw = config_dict(write_log(drop=["city"]))
+    raw["data"]["join"] = {"path": str(side), "key": "item", "columns": ["city", "colour"]}
+    report = check_data_files(parse_config(raw))
+    assert report.problems == [
+        f"data.join.columns: join file {side}: column `colour` not found; the file has: item, city"
+    ]
+
+
+def test_cli_check_names_finetune_config(tmp_path: Path) -> None:
+    config = tmp_path / "ft.yaml"
+    config.write_text("name: ft\npeft: {method: lora}\n", encoding="utf-8")
+    result = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["check", str(config)])
+    assert result.exit_code == 2
+    assert "is a fine-tune config" in result.output

@@ -134,6 +134,22 @@ def check(config: Path = typer.Argument(..., help="YAML run config.")) -> None:
     from mtrank.data.preflight import check_data_files
     from mtrank.errors import ConfigError
 
+    if config.is_file() and config.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            raw = None  # load_config reports the YAML error
+        if isinstance(raw, dict) and "peft" in raw:
+            raise ConfigError(
+                [
+                    f"{config} is a fine-tune config (it has `peft`); `mtrank check` takes run configs. "
+                    "Check the base run's config, and `mtrank finetune BASE_RUN CONFIG` validates this one "
+                    "before it trains"
+                ],
+                source=str(config),
+            )
     run_config = load_config(config)
     report = check_data_files(run_config)
     for entry in report.files:

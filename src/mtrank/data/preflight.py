@@ -98,7 +98,13 @@ def check_data_files(config: RunConfig) -> PreflightReport:
             report.files.append(FileReport("join", side_path, side_names))
             if data.join.key not in side_names:
                 report.problems.append(_missing_message("join", side_path, data.join.key, side_names))
+            for column in data.join.columns or []:
+                if column not in side_names:
+                    report.problems.append(
+                        "data.join.columns: " + _missing_message("join", side_path, column, side_names)
+                    )
             side_columns = set(data.join.columns or side_names) - {data.join.key}
+    join_unreadable = data.join is not None and not any(entry.role == "join" for entry in report.files)
 
     own_needed = [column for column in needed if column not in side_columns]
     if data.join is not None and data.join.key not in own_needed:
@@ -129,6 +135,9 @@ def check_data_files(config: RunConfig) -> PreflightReport:
             # A header-less split file of a training file with a header takes the header's names.
             columns = data_columns
         report.files.append(FileReport(role, path, columns))
+        if join_unreadable:
+            # Which columns the side table would provide is unknown, so only its problem is reported.
+            continue
         for column in own_needed:
             if column not in columns:
                 report.problems.append(_missing_message(role, path, column, columns))
