@@ -86,7 +86,8 @@ def metrics_table(title: str, metrics: dict[str, dict[str, float]]) -> Table:
     table = Table(title=title)
     table.add_column("task")
     for name in names:
-        table.add_column(name, justify="right")
+        # Spaces let long names such as gauc_groups_skipped wrap in a narrow terminal instead of being cut.
+        table.add_column(name.replace("_", " "), justify="right", overflow="fold")
     for task, values in metrics.items():
         cells = []
         for name in names:
