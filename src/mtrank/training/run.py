@@ -133,6 +133,8 @@ def train_run(
         )
         with run_log:
             logger.info("run %s: writing to %s", config.name, run_dir)
+            # The data source and split in the run's own log, whatever chose them (a preset, a config).
+            logger.info("data: %s, split %s", config.data.path, config.data.split.model_dump(mode="json"))
             data: PreparedData | StreamingData
             if config.data.streaming.enabled:
                 data = prepare_streaming_data(config, rank=context.rank, world_size=context.world_size)
