@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -329,7 +329,7 @@ def read_source(data: DataConfig, path: str, columns: list[str]) -> pa.Table:
             strip=data.strip,
             missing_values=data.missing_values,
         )
-        side = _unique_keys(side, join.key, side_path)
+        side = unique_keys(side, join.key, side_path)
         table = table.join(side, keys=join.key, join_type="left outer", coalesce_keys=True)
         # Arrow joins do not keep row order; restore the file order.
         table = table.sort_by(ROW_COLUMN)
@@ -346,10 +346,8 @@ def read_source(data: DataConfig, path: str, columns: list[str]) -> pa.Table:
     return apply_filters(table, data.filters, str(resolved))
 
 
-def apply_filters(table: pa.Table, filters: list[RowFilter], source: str) -> pa.Table:
-    """Keep the rows that pass every filter (compared as text), logging how many were removed."""
-    if not filters:
-        return table
+def filter_mask(table: pa.Table, filters: Sequence[RowFilter]) -> np.ndarray:
+    """Return the ``(N,)`` mask of rows that pass every filter, values compared as text."""
     keep = np.ones(table.num_rows, dtype=bool)
     for row_filter in filters:
         text = pc.cast(table[row_filter.column], pa.string())
@@ -365,11 +363,19 @@ def apply_filters(table: pa.Table, filters: list[RowFilter], source: str) -> pa.
             if row_filter.not_in is not None:
                 passed = pc.invert(passed)
         keep &= np.asarray(pc.fill_null(passed, False).to_numpy(zero_copy_only=False), dtype=bool)
+    return keep
+
+
+def apply_filters(table: pa.Table, filters: list[RowFilter], source: str) -> pa.Table:
+    """Keep the rows that pass every filter (compared as text), logging how many were removed."""
+    if not filters:
+        return table
+    keep = filter_mask(table, filters)
     logger.info("%s: row filters kept %d of %d rows", source, int(keep.sum()), table.num_rows)
     return table.filter(pa.array(keep))
 
 
-def _unique_keys(side: pa.Table, key: str, path: Path) -> pa.Table:
+def unique_keys(side: pa.Table, key: str, path: Path) -> pa.Table:
     counts = pc.value_counts(side[key])
     duplicated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     if len(duplicated):

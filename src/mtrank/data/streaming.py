@@ -46,9 +46,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from mtrank.config.schema import ColumnSplit, DataConfig, FilesSplit, RowFilter, RunConfig
+from mtrank.config.schema import ColumnSplit, DataConfig, FilesSplit, RunConfig
 from mtrank.data.encoders import Encoder, RunningMoments, VocabularyCounts, VocabularyEncoder, parse_float
-from mtrank.data.pipeline import MAX_EXAMPLES, ROW_COLUMN, TRUTH_PREFIX, FeatureEncoders, _unique_keys
+from mtrank.data.pipeline import (
+    MAX_EXAMPLES,
+    ROW_COLUMN,
+    TRUTH_PREFIX,
+    FeatureEncoders,
+    filter_mask,
+    unique_keys,
+)
 from mtrank.data.readers import clean_text_columns, is_parquet, read_column_names, read_table
 from mtrank.data.registry import resolve_path
 from mtrank.data.tensors import Batch, EncodedData
@@ -264,30 +271,6 @@ def _split_problem(method: str) -> str:
     )
 
 
-def _filter_mask(table: pa.Table, filters: Sequence[RowFilter]) -> np.ndarray:
-    """Return the rows that pass every filter, compared as text.
-
-    NOTE: this repeats the tests of :func:`mtrank.data.pipeline.apply_filters`, which logs once per
-    call and so cannot run once per batch. A test compares both on the same file.
-    """
-    keep = np.ones(table.num_rows, dtype=bool)
-    for row_filter in filters:
-        text = pc.cast(table[row_filter.column], pa.string())
-        if row_filter.equals is not None:
-            passed = pc.equal(text, str(row_filter.equals))
-        elif row_filter.not_equals is not None:
-            passed = pc.not_equal(text, str(row_filter.not_equals))
-        else:
-            values = pa.array(
-                [str(v) for v in (row_filter.isin or row_filter.not_in or [])], type=pa.string()
-            )
-            passed = pc.is_in(text, value_set=values)
-            if row_filter.not_in is not None:
-                passed = pc.invert(passed)
-        keep &= np.asarray(pc.fill_null(passed, False).to_numpy(zero_copy_only=False), dtype=bool)
-    return keep
-
-
 # ----------------------------------------------------------------------------------------------------
 # reading
 
@@ -377,7 +360,7 @@ class ParquetLog:
             missing_values=self.data.missing_values,
         )
         # The in-memory pipeline's own check, so both reject the same side tables.
-        return _unique_keys(side, join.key, self.side_path)
+        return unique_keys(side, join.key, self.side_path)
 
     @property
     def num_row_groups(self) -> int:
@@ -424,7 +407,7 @@ class ParquetLog:
             table = table.sort_by(ROW_COLUMN)
             counts.unmatched += int(pc.sum(pc.is_null(table[side_columns[0]])).as_py() or 0)
         if self.data.filters:
-            table = table.filter(pa.array(_filter_mask(table, self.data.filters)))
+            table = table.filter(pa.array(filter_mask(table, self.data.filters)))
         counts.rows_kept += table.num_rows
         return table
 
