@@ -146,3 +146,18 @@ def test_kuairand_rejects_settings_that_do_not_apply(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "num_users in" in result.output
     assert "do not apply with --kuairand" in result.output
+
+
+def test_kuairand_long_list_gets_kuairand_error(tmp_path: Path) -> None:
+    folder = tmp_path / "kuairand"
+    folder.mkdir()
+    header = (
+        "user_id\tvideo_id\tdate\thourmin\ttime_ms\tis_click\tlong_view\tplay_time_ms\tduration_ms\tlabel\n"
+    )
+    rows = "".join(f"7\t{i}\t20220410\t1700\t{1000 + i}\t1\t1\t5000\t9000\t1\n" for i in range(12))
+    (folder / "processed_standard_kcore_15.csv").write_text(header + rows, encoding="utf-8")
+    (folder / "user_features_pure.csv").write_text("user_id\n7\n", encoding="utf-8")
+    out = tmp_path / "log.parquet"
+    result = invoke(["simulate", "--out", str(out), "--kuairand", str(folder), "--list-size", "6000"])
+    assert result.exit_code == 2
+    assert "no KuaiRand user has 6000 impressions" in result.output

@@ -372,6 +372,10 @@ def simulate(
             )
     values.update({key: value for key, value in given.items() if value is not None})
     values.setdefault("num_users", SIMULATE_DEFAULT_USERS)
+    if kuairand is not None and isinstance(values.get("list_size"), int):
+        # num_items does not apply to the real log; keep its check (list_size <= num_items) out of the way
+        # so that a list longer than any user's history gets the KuaiRand error instead.
+        values["num_items"] = max(values["list_size"], simulator.SimulationConfig.num_items)
     if out.is_dir():
         raise ConfigError([f"--out {out} is a folder; give a file name such as {out / 'log.parquet'}"])
     if out.suffix.lower() != ".parquet":
