@@ -419,6 +419,35 @@ def test_two_ranks_match_one_process(cli_runs: tuple[Path, Path]) -> None:
     assert max(gaps.values()) < MATCH_TOLERANCE, gaps
 
 
+@pytest.fixture(scope="module")
+def gradnorm_runs(
+    tmp_path_factory: pytest.TempPathFactory, write_log_in: WriteLog, config_dict: ConfigFactory
+) -> tuple[Path, Path]:
+    """GradNorm trained by two ranks (batch B/2 each) and by one process (batch B); their run folders."""
+    folder = tmp_path_factory.mktemp("gradnorm_two_ranks")
+    log = write_log_in(folder, num_rows=NUM_ROWS)
+    raw = config_dict(log, epochs=2, batch_size=BATCH_SIZE // WORLD_SIZE)
+    raw["training"].update({"num_threads": 1, "balancer": {"name": "gradnorm"}})
+    config_path = write_config(folder / "config.yaml", raw)
+    run_torchrun(folder, "-m", "mtrank", "-q", "train", str(config_path), "--run-dir", str(folder / "two"))
+    single = parse_config({**raw, "training": {**raw["training"], "batch_size": BATCH_SIZE}})
+    train_run(single, folder / "one")
+    return folder / "two", folder / "one"
+
+
+def test_gradnorm_two_ranks_match_one_process(gradnorm_runs: tuple[Path, Path]) -> None:
+    # The task gradients at W are averaged over ranks, so both runs balance the same global batch.
+    two_ranks, one_process = (load_file(str(run / WEIGHTS_FILE)) for run in gradnorm_runs)
+    gaps = {name: float((two_ranks[name] - one_process[name]).abs().max()) for name in one_process}
+    assert max(gaps.values()) < MATCH_TOLERANCE, gaps
+    logs = [
+        [json.loads(line) for line in (run / STEPS_FILE).read_text(encoding="utf-8").splitlines()]
+        for run in gradnorm_runs
+    ]
+    last_weights = [rows[-1]["weight/click"] for rows in logs]
+    assert last_weights[0] == pytest.approx(last_weights[1], abs=MATCH_TOLERANCE)
+
+
 def test_two_rank_losses_match_one_process(cli_runs: tuple[Path, Path]) -> None:
     two_ranks, one_process = (
         json.loads((run / METRICS_FILE).read_text(encoding="utf-8")) for run in cli_runs

@@ -145,7 +145,8 @@ class GradNormBalancer(LossBalancer):
             )
         weights = self.task_weights
         if torch.is_grad_enabled() and stacked.requires_grad:
-            detached = stacked.detach()
+            # The step's losses over all processes (each holds its share), for the loss ratios.
+            detached = all_reduce_mean_(stacked.detach().clone())
             self._capture_initial_losses(detached)
             grad_norms = self._task_gradient_norms(scalars, parameters)
             self._accumulate_weight_gradient(grad_norms, detached)
@@ -176,16 +177,38 @@ class GradNormBalancer(LossBalancer):
     def _task_gradient_norms(
         self, scalars: list[torch.Tensor], parameters: list[nn.Parameter]
     ) -> torch.Tensor:
-        """Return ``(T,)`` norms ||grad_W L_i||, detached; 0 for a task whose loss does not reach W."""
-        norms = []
-        zero = torch.zeros((), device=self.task_weights.device)
+        """Return ``(T,)`` norms ||grad_W L_i||, detached; 0 for a task whose loss does not reach W.
+
+        Under ``torch.distributed`` the per-task gradients at W are averaged over the processes
+        before the norms are taken. Each process's losses are scaled to its share of the step's rows,
+        so the average is the gradient of the whole step's loss, and every process computes the
+        GradNorm of the global batch rather than of its own rows.
+        """
+        size = sum(parameter.numel() for parameter in parameters)
+        device = parameters[0].device
+        rows = []
         for loss in scalars:
             if not loss.requires_grad:
-                norms.append(zero)
+                rows.append(torch.zeros(size, device=device))
                 continue
             grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
-            squared = sum((g.detach().float().pow(2).sum() for g in grads if g is not None), zero)
-            norms.append(squared.sqrt().to(zero.device))
+            rows.append(
+                torch.cat(
+                    [
+                        (g.detach() if g is not None else torch.zeros_like(p)).float().reshape(-1)
+                        for g, p in zip(grads, parameters, strict=True)
+                    ]
+                )
+            )
+        task_grads = all_reduce_mean_(torch.stack(rows))  # (T, |W|), the same on every process
+        # Squares summed parameter by parameter, in the order of a one-process run before gradients
+        # were averaged, so that a single process computes bit for bit what it always did.
+        zero = torch.zeros((), device=self.task_weights.device)
+        pieces = task_grads.split([parameter.numel() for parameter in parameters], dim=1)
+        norms = [
+            sum((piece[task].pow(2).sum() for piece in pieces), zero).sqrt().to(zero.device)
+            for task in range(len(scalars))
+        ]
         grad_norms = torch.stack(norms)
         if not self._checked_zero_gradients:
             self._checked_zero_gradients = True
