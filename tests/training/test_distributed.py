@@ -524,6 +524,29 @@ def test_valid_metrics_cover_all_rows(cli_runs: tuple[Path, Path]) -> None:
             )
 
 
+def test_batch_norm_metrics_describe_saved_model(
+    tmp_path: Path, write_log_in: WriteLog, config_dict: ConfigFactory
+) -> None:
+    # Each rank updates its own batch-norm running statistics; the test metrics must still be those
+    # of the saved model (rank 0's statistics) on every row, including the rows rank 1 scored.
+    log = write_log_in(tmp_path, num_rows=NUM_ROWS)
+    raw = config_dict(log, epochs=2, batch_size=BATCH_SIZE // WORLD_SIZE)
+    raw["training"]["num_threads"] = 1
+    raw["model"]["batch_norm"] = True
+    config_path = write_config(tmp_path / "config.yaml", raw)
+    run_dir = tmp_path / "two"
+    run_torchrun(tmp_path, "-m", "mtrank", "-q", "train", str(config_path), "--run-dir", str(run_dir))
+
+    loaded = load_run(run_dir)
+    test = prepare_data(loaded.config, loaded.encoders).test
+    expected = evaluate_model(loaded.model, test, loaded.config.tasks, None)
+    recorded = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))["test"]
+    for task in ("click", "noise"):
+        assert recorded[task]["logloss"] == pytest.approx(expected[task]["logloss"], rel=METRIC_TOLERANCE), (
+            task
+        )
+
+
 @pytest.mark.usefixtures("restore_mtrank_logger")
 def test_evaluate_command_on_distributed_run(cli_runs: tuple[Path, Path], tmp_path: Path) -> None:
     run_dir = cli_runs[0]

@@ -572,6 +572,10 @@ class Trainer:
                 split=split,
             )
         context = self.context
+        # Batch-norm running statistics are updated by each rank from its own rows, and rank 0's are
+        # the ones saved; every rank scores with those, so the metrics describe the saved model.
+        for buffer in self.model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
         start, stop = shard_range(len(data), context.world_size, context.rank)
         local = self._predict(data.slice(start, stop))  # (n_r, T)
         predictions = all_gather_rows(local).cpu().numpy()  # (N, T), rows in split order
