@@ -160,6 +160,15 @@ class LossBalancer(nn.Module):
         self._last_losses = losses.detach().clone()
         self._last_weights = weights.detach().clone()
 
+    def _weighted_sum(
+        self, losses: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Return ``sum_i w_i * L_i`` for constant ``(T,)`` weights and record both for :meth:`last_stats`."""
+        _, stacked = self._loss_vector(losses)
+        weights = weights.to(stacked.dtype)
+        self._record(stacked, weights)
+        return (weights * stacked).sum()
+
     def _loss_vector(
         self, losses: torch.Tensor | Sequence[torch.Tensor]
     ) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -71,10 +71,7 @@ class DWABalancer(LossBalancer):
         shared_parameters: Sequence[nn.Parameter] = (),
     ) -> torch.Tensor:
         """Return ``sum_i w_i * L_i`` with this epoch's weights; see :meth:`LossBalancer.combine`."""
-        _, stacked = self._loss_vector(losses)
-        weights = self.task_weights.to(stacked.dtype)
-        self._record(stacked, weights)
-        return (weights * stacked).sum()
+        return self._weighted_sum(losses, self.task_weights)
 
     def end_epoch(self, mean_losses: torch.Tensor) -> None:
         """Store the epoch's ``(T,)`` mean losses and compute the next epoch's weights.

@@ -65,10 +65,7 @@ class FixedBalancer(LossBalancer):
         shared_parameters: Sequence[nn.Parameter] = (),
     ) -> torch.Tensor:
         """Return ``sum_i w_i * L_i`` for the ``(T,)`` losses; see :meth:`LossBalancer.combine`."""
-        _, stacked = self._loss_vector(losses)
-        weights = self.task_weights.to(stacked.dtype)
-        self._record(stacked, weights)
-        return (weights * stacked).sum()
+        return self._weighted_sum(losses, self.task_weights)
 
     def weights(self) -> torch.Tensor:
         """Return the ``(T,)`` fixed weights."""

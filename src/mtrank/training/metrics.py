@@ -277,6 +277,27 @@ def gauc(
 # ---------------------------------------------------------------------------------------------
 
 
+def _unit_interval_pair(
+    labels: npt.ArrayLike, probs: npt.ArrayLike, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(N,)`` labels and probabilities as float64 after checking both lie in [0, 1].
+
+    Raises:
+        DataError: invalid inputs as for :func:`binary_auc`, or a value outside [0, 1].
+    """
+    label_array = _as_1d_float(labels, "labels")
+    prob_array = _as_1d_float(probs, "probs")
+    _check_lengths(labels=label_array, probs=prob_array)
+    for argument, array in (("labels", label_array), ("probs", prob_array)):
+        if array.min() < 0.0 or array.max() > 1.0:
+            hint = "; apply a sigmoid to logits first" if argument == "probs" else ""
+            raise DataError(
+                f"{metric} `{argument}` must be in [0, 1], got values from {float(array.min())} "
+                f"to {float(array.max())}{hint}"
+            )
+    return label_array, prob_array
+
+
 def logloss(labels: npt.ArrayLike, probs: npt.ArrayLike, eps: float = LOGLOSS_EPS) -> float:
     """Compute the mean binary cross-entropy, with probabilities clipped to ``[eps, 1 - eps]``.
 
@@ -298,16 +319,7 @@ def logloss(labels: npt.ArrayLike, probs: npt.ArrayLike, eps: float = LOGLOSS_EP
     """
     if not 0.0 < eps < 0.5:
         raise ConfigError([f"logloss `eps` must be in (0, 0.5), got {eps!r}"])
-    label_array = _as_1d_float(labels, "labels")
-    prob_array = _as_1d_float(probs, "probs")
-    _check_lengths(labels=label_array, probs=prob_array)
-    for argument, array in (("labels", label_array), ("probs", prob_array)):
-        if array.min() < 0.0 or array.max() > 1.0:
-            hint = "; apply a sigmoid to logits first" if argument == "probs" else ""
-            raise DataError(
-                f"logloss `{argument}` must be in [0, 1], got values from {float(array.min())} "
-                f"to {float(array.max())}{hint}"
-            )
+    label_array, prob_array = _unit_interval_pair(labels, probs, "logloss")
     clipped = np.clip(prob_array, eps, 1.0 - eps)
     losses = -(label_array * np.log(clipped) + (1.0 - label_array) * np.log1p(-clipped))
     return float(losses.mean())
@@ -378,14 +390,7 @@ def expected_calibration_error(
     """
     if num_bins < 1:
         raise ConfigError([f"expected calibration error needs at least 1 bin, got {num_bins!r}"])
-    label_array = _as_1d_float(labels, "labels")
-    prob_array = _as_1d_float(probs, "probs")
-    _check_lengths(labels=label_array, probs=prob_array)
-    for argument, array in (("labels", label_array), ("probs", prob_array)):
-        if array.min() < 0.0 or array.max() > 1.0:
-            raise DataError(
-                f"ece `{argument}` must be in [0, 1], got values from {float(array.min())} to {float(array.max())}"
-            )
+    label_array, prob_array = _unit_interval_pair(labels, probs, "ece")
     # A probability of exactly 1 belongs to the last bin, not to a bin of its own.
     bins = np.minimum((prob_array * num_bins).astype(np.int64), num_bins - 1)
     label_sums = np.bincount(bins, weights=label_array, minlength=num_bins)
