@@ -35,11 +35,16 @@ _files_without_digest: set[str] = set()
 _files_without_digest_lock = threading.Lock()
 
 
-def _current_umask() -> int:
+def _read_umask() -> int:
     # os.umask can only be read by setting it, so set it back at once.
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# Read once at import, usually before other threads start: changing the umask while another thread
+# creates a file would give that file the wrong mode.
+_UMASK = _read_umask()
 
 
 def apply_default_mode(path: Path) -> None:
@@ -49,7 +54,7 @@ def apply_default_mode(path: Path) -> None:
     (a model server running under its own account), so the renamed result follows the umask.
     """
     base = 0o777 if path.is_dir() else 0o666
-    os.chmod(path, base & ~_current_umask())
+    os.chmod(path, base & ~_UMASK)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -554,7 +554,7 @@ def test_item_error_makes_positions_persistent_per_item() -> None:
     assert _split_half_position_correlation(simulate_click_log(config), 200) > 0.8
 
 
-def test_without_item_error_positions_do_not_persist_per_item() -> None:
+def test_fresh_noise_positions_not_persistent() -> None:
     config = SimulationConfig(num_items=200, num_requests=4_000, seed=5, **FLAT_RELEVANCE)
     # Fresh noise only: each item's mean position is an average of random ranks in both halves.
     assert abs(_split_half_position_correlation(simulate_click_log(config), 200)) < 0.2
@@ -591,7 +591,7 @@ def test_negative_item_error_rejected() -> None:
 
 def test_kuairand_item_error_follows_the_video(tmp_path: Path) -> None:
     # Every impression of one user is a like, so the order within a list is the logging noise alone.
-    # Forty users watch the same ten videos; with a large error per video, each video holds nearly
+    # Forty users watch the same ten videos. With a large error per video, each video takes nearly
     # the same position in every list.
     folder = tmp_path / "kuairand"
     folder.mkdir()

@@ -544,7 +544,7 @@ def test_serve_command_default_host_is_loopback() -> None:
 
 
 def test_integer_beyond_float_range_rejected(client: TestClient) -> None:
-    # math.isfinite overflows on such an int; the service must still answer 422, not 500.
+    # math.isfinite overflows on such an int; the service must still return 422, not 500.
     response = client.post("/score", json={"rows": [one_row(score=10**400)]})
 
     assert response.status_code == 422

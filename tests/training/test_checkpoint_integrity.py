@@ -315,26 +315,30 @@ def test_corrupt_run_weights_rejected(run_dir: Path, tmp_path: Path) -> None:
 
 
 def test_written_files_follow_umask(tmp_path: Path) -> None:
-    # Temporary files are created 0600; the renamed results must be readable as a plain open's are.
-    previous = os.umask(0o022)
-    try:
-        atomic_save_tensors(tmp_path / "w.safetensors", {"w": torch.ones(2)})
-        atomic_write_text(tmp_path / "a.json", "{}")
-        folder = write_checkpoint(
-            tmp_path / "checkpoints",
-            epoch=1,
-            model={"w": torch.ones(2)},
-            optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1),
-            extra_tensors={},
-            state={},
-        )
-    finally:
-        os.umask(previous)
+    # Temporary files are created 0600; the renamed results must get the mode a plain open gives.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_save_tensors(tmp_path / "w.safetensors", {"w": torch.ones(2)})
+    atomic_write_text(tmp_path / "a.json", "{}")
+    folder = write_checkpoint(
+        tmp_path / "checkpoints",
+        epoch=1,
+        model={"w": torch.ones(2)},
+        optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1),
+        extra_tensors={},
+        state={},
+    )
+    file_mode, folder_mode = 0o666 & ~mask, 0o777 & ~mask
     modes = {
         path.name: stat.S_IMODE(path.stat().st_mode)
         for path in (tmp_path / "w.safetensors", tmp_path / "a.json", folder, folder / "model.safetensors")
     }
-    assert modes == {"w.safetensors": 0o644, "a.json": 0o644, "epoch-0001": 0o755, "model.safetensors": 0o644}
+    assert modes == {
+        "w.safetensors": file_mode,
+        "a.json": file_mode,
+        "epoch-0001": folder_mode,
+        "model.safetensors": file_mode,
+    }
 
 
 # --- resume past a damaged checkpoint -----------------------------------------------------------------

@@ -527,8 +527,8 @@ def test_valid_metrics_cover_all_rows(cli_runs: tuple[Path, Path]) -> None:
 def test_batch_norm_metrics_describe_saved_model(
     tmp_path: Path, write_log_in: WriteLog, config_dict: ConfigFactory
 ) -> None:
-    # Each rank updates its own batch-norm running statistics; the test metrics must still be those
-    # of the saved model (rank 0's statistics) on every row, including the rows rank 1 scored.
+    # Each rank updates its own batch-norm running statistics. The test metrics must still be those
+    # of the saved model (rank 0's statistics) on every row, including the rows that rank 1 scored.
     log = write_log_in(tmp_path, num_rows=NUM_ROWS)
     raw = config_dict(log, epochs=2, batch_size=BATCH_SIZE // WORLD_SIZE)
     raw["training"]["num_threads"] = 1

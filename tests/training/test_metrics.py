@@ -423,7 +423,7 @@ def test_ece_probability_one_in_last_bin() -> None:
 
 
 def test_ece_constant_prediction_is_rate_gap() -> None:
-    # One bin holds every row, so the error is |observed rate - prediction|.
+    # One bin contains every row, so the error is |observed rate - prediction|.
     rng = np.random.default_rng(3)
     labels = (rng.random(10_000) < 0.2).astype(np.float64)
     assert expected_calibration_error(labels, np.full(10_000, 0.5)) == pytest.approx(abs(labels.mean() - 0.5))

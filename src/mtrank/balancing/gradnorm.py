@@ -145,7 +145,7 @@ class GradNormBalancer(LossBalancer):
             )
         weights = self.task_weights
         if torch.is_grad_enabled() and stacked.requires_grad:
-            # The step's losses over all processes (each holds its share), for the loss ratios.
+            # The step's losses over all processes (each process contributes its share), for the loss ratios.
             detached = all_reduce_mean_(stacked.detach().clone())
             self._capture_initial_losses(detached)
             grad_norms = self._task_gradient_norms(scalars, parameters)

@@ -331,14 +331,14 @@ def simulate(
         try:
             loaded = yaml.safe_load(config_file.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError([f"cannot read {config_file}: {exc}"], source=str(config_file)) from exc
+            raise ConfigError([f"failed to read {config_file}: {exc}"], source=str(config_file)) from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
                 [f"the file must hold a mapping of simulator settings, got {type(loaded).__name__}"],
                 source=str(config_file),
             )
         values.update(loaded or {})
-    given = {
+    cli_values = {
         "num_requests": requests,
         "list_size": list_size,
         "num_users": users,
@@ -352,7 +352,7 @@ def simulate(
     if kuairand is not None:
         # The real log fixes these; silently ignoring them would mislead.
         fixed = {"num_requests": "--requests", "num_users": "--users", "num_items": "--items"}
-        ignored = [flag for key, flag in fixed.items() if given[key] is not None]
+        ignored = [flag for key, flag in fixed.items() if cli_values[key] is not None]
         unused = sorted(key for key in values if key not in simulator.KUAIRAND_SETTINGS)
         if unused:
             raise ConfigError(
@@ -370,7 +370,7 @@ def simulate(
                 ],
                 source="mtrank simulate",
             )
-    values.update({key: value for key, value in given.items() if value is not None})
+    values.update({key: value for key, value in cli_values.items() if value is not None})
     values.setdefault("num_users", SIMULATE_DEFAULT_USERS)
     if kuairand is not None and isinstance(values.get("list_size"), int):
         # num_items does not apply to the real log; keep its check (list_size <= num_items) out of the way

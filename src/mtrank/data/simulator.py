@@ -12,8 +12,8 @@ The policy's noise has two parts. ``logging_noise`` is drawn afresh for every im
 item's average position still rises with its relevance and a model without debiasing ranks by
 relevance in expectation. ``logging_item_error`` is drawn once per item and kept for the whole log,
 like the systematic mistakes of the previous ranker that served the traffic. The items it favours
-sit higher than their relevance earns, draw more clicks, and a model that ignores position learns
-that error as relevance; this is the case a position-bias tower exists for.
+sit higher than their relevance earns and draw more clicks. A model that ignores position learns
+that error as relevance, which is the case a position-bias tower exists for.
 
 Every log keeps the ground truth in columns named ``true_*`` (``true_relevance``,
 ``true_examination``). They exist only to evaluate a debiasing model. Never use them as features,

@@ -738,10 +738,11 @@ class ParquetTrainStream:
     replaces one drawn uniformly from the buffer, and the drawn rows go out. The rows leave in
     batches of the planned sizes: ``batch_size`` rows except the last (see :func:`plan_epoch`).
 
-    Every training row is yielded exactly once per epoch over all ranks: the plan deals each row
-    group to one rank, and an epoch that reads another row count than the scan raises. The order depends only on
-    ``(seed, epoch, rank, world_size)``, so a rerun or a resumed run repeats it, and epochs differ.
-    Memory holds the buffer, one read batch and the side table, never the whole file.
+    Every training row is yielded exactly once per epoch over all ranks, because the plan deals each
+    row group to one rank and an epoch that reads another row count than the scan raises DataError.
+    The order depends only on ``(seed, epoch, rank, world_size)``, so a rerun or a resumed run
+    repeats it, and epochs differ. Memory contains the buffer, one read batch and the side table,
+    never the whole file.
 
     Args:
         log: the training file.

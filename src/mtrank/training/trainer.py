@@ -572,8 +572,8 @@ class Trainer:
                 split=split,
             )
         context = self.context
-        # Batch-norm running statistics are updated by each rank from its own rows, and rank 0's are
-        # the ones saved; every rank scores with those, so the metrics describe the saved model.
+        # Each rank updates the batch-norm running statistics from its own rows, and rank 0's are saved.
+        # Every rank scores with rank 0's statistics, so the metrics describe the saved model.
         for buffer in self.model.buffers():
             torch.distributed.broadcast(buffer, src=0)
         start, stop = shard_range(len(data), context.world_size, context.rank)
