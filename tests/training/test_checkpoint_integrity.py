@@ -136,13 +136,13 @@ def test_reserved_metadata_key_rejected(tmp_path: Path) -> None:
         atomic_save_tensors(tmp_path / "model.safetensors", {"w": torch.ones(2)}, {DIGEST_METADATA_KEY: "0"})
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "extra.safetensors"])
-def test_checkpoint_files_record_digest(tmp_path: Path, name: str) -> None:
+def write_small_checkpoint(tmp_path: Path) -> Path:
+    """Write one checkpoint of a stepped linear model with Adam state and return its folder."""
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    folder = write_checkpoint(
+    return write_checkpoint(
         tmp_path / "checkpoints",
         1,
         model=model.state_dict(),
@@ -150,6 +150,11 @@ def test_checkpoint_files_record_digest(tmp_path: Path, name: str) -> None:
         extra_tensors={"balancer.weights": torch.ones(2)},
         state={"epoch": 1},
     )
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "extra.safetensors"])
+def test_checkpoint_files_record_digest(tmp_path: Path, name: str) -> None:
+    folder = write_small_checkpoint(tmp_path)
 
     with safe_open(str(folder / name), framework="pt") as handle:
         metadata = handle.metadata()
@@ -218,18 +223,7 @@ def test_dtype_changed_in_header_rejected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "extra.safetensors"])
 def test_checkpoint_corruption_rejected(tmp_path: Path, name: str) -> None:
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.Adam(model.parameters())
-    model(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
-    folder = write_checkpoint(
-        tmp_path / "checkpoints",
-        1,
-        model=model.state_dict(),
-        optimizer=optimizer,
-        extra_tensors={"balancer.weights": torch.ones(2)},
-        state={"epoch": 1},
-    )
+    folder = write_small_checkpoint(tmp_path)
     _start, header = read_header(folder / name)
     first_tensor = sorted(key for key in header if key != "__metadata__")[0]
 
